@@ -1,0 +1,124 @@
+"""Quantise one model with one tool in a fresh process; print time and peak memory as JSON.
+
+    python -m benchmarks.quantize_worker qnnlib|ort MODEL CALIB_DIR OUT [--method M] [--samples N]
+
+CALIB_DIR holds one ``NNNNN.npy`` per sample; both tools read it lazily through a generator (qnnlib)
+or a CalibrationDataReader (onnxruntime), so peak memory shows what each tool itself keeps.
+The onnxruntime run happens in a private working directory, since its calibrator writes there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM), in MB.
+
+    ``getrusage().ru_maxrss`` is not used: Linux carries it across exec, so a child started by a
+    large parent reports the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _samples(calib_dir: Path, limit: int | None) -> list[Path]:
+    files = sorted(calib_dir.glob("*.npy"))
+    return files[:limit] if limit else files
+
+
+def _feeds(files: list[Path], input_name: str) -> Iterator[dict[str, np.ndarray]]:
+    for f in files:
+        yield {input_name: np.load(f)}
+
+
+def run_qnnlib(model: Path, files: list[Path], input_name: str, out: Path, method: str) -> dict[str, float]:
+    import qnnlib
+
+    start = time.perf_counter()
+    config = qnnlib.QuantConfig(method=method)  # the defaults a user gets: report and fusion check included
+    result = qnnlib.quantize(str(model), _feeds(files, input_name), config=config)
+    elapsed = time.perf_counter() - start
+    result.save(out)
+    return {"time": elapsed}
+
+
+def run_ort(model: Path, files: list[Path], input_name: str, out: Path, method: str) -> dict[str, float]:
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = _feeds(files, input_name)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    work = Path(tempfile.mkdtemp(prefix="ort-bench-"))
+    os.chdir(work)
+    start = time.perf_counter()
+    proto = onnx.load(str(model))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:
+        proto = onnx.version_converter.convert_version(proto, 13)
+    upgraded = work / "upgraded.onnx"
+    onnx.save(proto, str(upgraded))
+    prep_start = time.perf_counter()
+    pre = work / "pre.onnx"
+    try:
+        quant_pre_process(str(upgraded), str(pre))
+    except Exception as exc:  # noqa: BLE001 - report and quantise the unprocessed model
+        print(f"quant_pre_process failed: {exc}", file=sys.stderr)
+        pre = upgraded
+    prep = time.perf_counter() - prep_start
+    q_start = time.perf_counter()
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method])
+    quant = time.perf_counter() - q_start
+    return {"time": time.perf_counter() - start, "time_quantize_static": quant, "time_preprocess": prep}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tool", choices=("qnnlib", "ort"))
+    parser.add_argument("model", type=Path)
+    parser.add_argument("calib_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--method", default="minmax")
+    parser.add_argument("--samples", type=int, default=None)
+    args = parser.parse_args()
+    files = _samples(args.calib_dir, args.samples)
+    baseline = peak_rss_mb()
+    runner = run_qnnlib if args.tool == "qnnlib" else run_ort
+    stats = runner(args.model.resolve(), files, args.input, args.out.resolve(), args.method)
+    stats["peak_rss_mb"] = peak_rss_mb()
+    stats["start_rss_mb"] = baseline
+    stats["samples"] = len(files)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

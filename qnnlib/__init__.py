@@ -1,0 +1,50 @@
+"""qnnlib: post-training quantisation of ONNX models for onnxruntime.
+
+    result = qnnlib.quantize("model.onnx", calib)
+    result.save("model.int8.onnx")
+    print(result.report)
+"""
+
+from qnnlib.api import quantize
+from qnnlib.calibration.methods import MSE, Entropy, MinMax, Percentile
+from qnnlib.config import QuantConfig, TensorOverride
+from qnnlib.errors import (
+    CalibrationDataError,
+    CalibrationError,
+    ConfigError,
+    EmptyCalibrationError,
+    InvalidModelError,
+    ModelError,
+    ModelLoadError,
+    QnnlibError,
+    RuntimeFailure,
+    UnsupportedModelError,
+)
+from qnnlib.plan import QuantPlan
+from qnnlib.report import Report
+from qnnlib.result import QuantResult
+from qnnlib.version import __version__
+
+__all__ = [
+    "MSE",
+    "CalibrationDataError",
+    "CalibrationError",
+    "ConfigError",
+    "EmptyCalibrationError",
+    "Entropy",
+    "InvalidModelError",
+    "MinMax",
+    "ModelError",
+    "ModelLoadError",
+    "Percentile",
+    "QnnlibError",
+    "QuantConfig",
+    "QuantPlan",
+    "QuantResult",
+    "Report",
+    "RuntimeFailure",
+    "TensorOverride",
+    "UnsupportedModelError",
+    "__version__",
+    "quantize",
+]

@@ -1,0 +1,1 @@
+"""Calibration: data sources, observers and methods, and the statistics pass."""

@@ -1,0 +1,115 @@
+"""Run the float model once over the calibration data and update observers batch by batch.
+
+The tensors to observe become extra graph outputs of a private copy of the model; one
+onnxruntime session runs it feed by feed. Only the current feed's tensors are in memory, so
+memory does not grow with the number of samples.
+
+For the first ``capture_samples`` feeds the pass also keeps a fixed, evenly spread subset of the
+values of the ``capture`` tensors and of the graph outputs (:func:`reference_positions`): the float
+references that the report's fidelity figures are measured against, without a second float pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qnnlib.calibration.feeds import FeedSource
+from qnnlib.calibration.methods import CalibrationMethod, Observer
+from qnnlib.graph.model_io import make_session
+from qnnlib.numerics.metrics import reference_positions
+
+log = logging.getLogger(__name__)
+
+#: Values kept per captured tensor and sample; per graph output and sample.
+CAPTURE_VALUES = 4096
+OUTPUT_VALUES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Float reference values of one sample: subsets of captured tensors and of graph outputs."""
+
+    tensors: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class CalibrationStats:
+    """Per-tensor ranges from one pass; NaN/inf counts; float references of the first samples."""
+
+    ranges: dict[str, tuple[float, float]]
+    samples: int
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    references: list[Reference] = field(default_factory=list)
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (onnxruntime infers their types)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in present:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return probe
+
+
+def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, method: CalibrationMethod,
+            *, levels: int, symmetric: bool, capture: Sequence[str] = (), capture_samples: int = 0) -> CalibrationStats:
+    """Observe ``observe`` over every feed and return each tensor's chosen range (see the module docstring)."""
+    observers: dict[str, Observer] = {t: method.observer(levels, symmetric) for t in observe}
+    graph_outputs = [o.name for o in model.graph.output]
+    wanted = list(dict.fromkeys([*observe, *capture, *graph_outputs])) if capture_samples else list(observe)
+    nonfinite: dict[str, int] = {}
+    references: list[Reference] = []
+    samples = 0
+    if not wanted:
+        return CalibrationStats({}, sum(1 for _ in feeds))
+    session = make_session(with_outputs(model, wanted), log_errors_as="float model for calibration")
+    observe_only = list(observe)
+
+    for feed in feeds:
+        names = wanted if samples < capture_samples else observe_only
+        values = dict(zip(names, session.run(names, feed))) if names else {}
+        for name in observe_only:
+            _observe(observers[name], name, np.asarray(values[name]), nonfinite)
+        if samples < capture_samples:
+            references.append(_capture(values, capture, graph_outputs))
+        samples += 1
+    for name, count in nonfinite.items():
+        log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
+    return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references)
+
+
+def _capture(values: dict[str, np.ndarray], capture: Sequence[str], outputs: Sequence[str]) -> Reference:
+    def subset(name: str, count: int) -> np.ndarray:
+        flat = np.asarray(values[name]).reshape(-1)
+        return flat[reference_positions(flat.size, count)].astype(np.float32)
+
+    return Reference(
+        {name: subset(name, CAPTURE_VALUES) for name in capture},
+        {name: subset(name, OUTPUT_VALUES) for name in outputs if np.asarray(values[name]).dtype.kind == "f"},
+    )
+
+
+def _observe(observer: Observer, name: str, value: np.ndarray, nonfinite: dict[str, int]) -> None:
+    if value.size == 0:
+        return
+    value = value.reshape(-1)
+    if value.dtype != np.float32:
+        value = value.astype(np.float32)
+    lo, hi = float(value.min()), float(value.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(value)
+        nonfinite[name] = nonfinite.get(name, 0) + int(value.size - np.count_nonzero(finite))
+        value = value[finite]
+        if value.size == 0:
+            return
+        lo, hi = float(value.min()), float(value.max())
+    observer.update(value, lo, hi)

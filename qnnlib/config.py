@@ -1,0 +1,138 @@
+"""User-facing configuration: frozen, keyword-only dataclasses validated on construction."""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+from qnnlib.calibration.methods import METHODS, CalibrationMethod, method_from_name
+from qnnlib.errors import ConfigError
+from qnnlib.numerics.qtypes import ACTIVATION_TYPES, WEIGHT_TYPES, qtype
+
+#: The calibration method used when none is given (see docs/concepts.md for the measurements).
+DEFAULT_METHOD = "mse"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorOverride:
+    """Fix an activation tensor's quantisation: a calibration ``range`` or an exact ``scale``/``zero_point``.
+
+    The override applies to the tensor's whole tied group, since the group shares one parameter set.
+    """
+
+    range: tuple[float, float] | None = None
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.range is not None:
+            if len(self.range) != 2 or not all(math.isfinite(v) for v in self.range):
+                raise ConfigError(f"TensorOverride.range must be two finite floats (lo, hi), got {self.range!r}")
+            if self.range[0] > self.range[1]:
+                raise ConfigError(f"TensorOverride.range must have lo <= hi, got {self.range!r}")
+            if self.scale is not None or self.zero_point is not None:
+                raise ConfigError("give TensorOverride either range or scale and zero_point, not both")
+        if (self.scale is None) != (self.zero_point is None):
+            raise ConfigError("TensorOverride.scale and zero_point go together; give both")
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError(f"TensorOverride.scale must be a positive finite float, got {self.scale!r}")
+        if self.range is None and self.scale is None:
+            raise ConfigError("TensorOverride needs range=(lo, hi) or scale= and zero_point=")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How to quantise. Every field has a default that suits onnxruntime on x86 CPUs.
+
+    * ``activation_type``: ``"uint8"`` (default; asymmetric, the fast path on x86) or ``"int8"``.
+    * ``activation_symmetric``: zero point 0 for activations (needs ``int8``).
+    * ``weight_type``: ``"int8"``, symmetric; ``per_channel`` along each layer's output channels.
+    * ``method``: calibration method, a name (``"minmax"``, ``"percentile"``, ``"entropy"``,
+      ``"mse"``) or a method object such as ``Percentile(99.99)``.
+    * ``exclude``: node names or glob patterns to keep in float; ``exclude_op_types``: op types.
+    * ``overrides``: ``{tensor_name: TensorOverride(...)}``.
+    * ``max_calibration_samples``: read at most this many calibration samples.
+    * ``report_samples``: samples used to measure per-layer SQNR for the report (0 to skip).
+    * ``fold_batchnorm``: fold BatchNormalization into the preceding Conv.
+    * ``verify_fusion``: check in onnxruntime's optimised graph that integer kernels replaced the layers.
+    * ``seed``: seed for generated calibration data.
+    """
+
+    activation_type: str = "uint8"
+    activation_symmetric: bool = False
+    weight_type: str = "int8"
+    per_channel: bool = True
+    method: Union[str, CalibrationMethod] = DEFAULT_METHOD
+    exclude: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    overrides: Mapping[str, TensorOverride] = field(default_factory=dict)
+    max_calibration_samples: int | None = None
+    report_samples: int = 8
+    fold_batchnorm: bool = True
+    verify_fusion: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise ConfigError(
+                f"activation_type must be one of {ACTIVATION_TYPES}, got {self.activation_type!r}"
+            )
+        if self.activation_symmetric and not qtype(self.activation_type).signed:
+            raise ConfigError(
+                f"activation_symmetric=True needs a signed type, got {self.activation_type!r}; "
+                "use activation_type='int8'"
+            )
+        if self.weight_type not in WEIGHT_TYPES:
+            raise ConfigError(f"weight_type must be one of {WEIGHT_TYPES}, got {self.weight_type!r}")
+        method = self.method
+        if isinstance(method, str):
+            try:
+                method = method_from_name(method)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            object.__setattr__(self, "method", method)
+        elif not isinstance(method, tuple(METHODS.values())):
+            raise ConfigError(
+                f"method must be a name in {sorted(METHODS)} or a method object, got {type(method).__name__}"
+            )
+        for name in ("exclude", "exclude_op_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a tuple of strings, got {value!r}")
+            else:
+                object.__setattr__(self, name, tuple(value))
+        if not isinstance(self.overrides, Mapping):
+            raise ConfigError(f"overrides must map tensor names to TensorOverride, got {type(self.overrides).__name__}")
+        for key, value in self.overrides.items():
+            if not isinstance(value, TensorOverride):
+                raise ConfigError(f"overrides[{key!r}] must be a TensorOverride, got {type(value).__name__}")
+        object.__setattr__(self, "overrides", types.MappingProxyType(dict(self.overrides)))
+        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
+            raise ConfigError(f"max_calibration_samples must be >= 1 or None, got {self.max_calibration_samples}")
+        if self.report_samples < 0:
+            raise ConfigError(f"report_samples must be >= 0, got {self.report_samples}")
+
+    @property
+    def calibration(self) -> CalibrationMethod:
+        """The calibration method object."""
+        return self.method  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-friendly view for the report."""
+        method = self.calibration
+        return {
+            "activation_type": self.activation_type,
+            "activation_symmetric": self.activation_symmetric,
+            "weight_type": self.weight_type,
+            "per_channel": self.per_channel,
+            "method": {"name": method.name, **{k: v for k, v in vars(method).items()}},
+            "exclude": list(self.exclude),
+            "exclude_op_types": list(self.exclude_op_types),
+            "overrides": {k: {f: getattr(v, f) for f in ("range", "scale", "zero_point")}
+                          for k, v in self.overrides.items()},
+        }

@@ -1,0 +1,1 @@
+"""Emitters: they write a plan as an ONNX model; they decide nothing."""

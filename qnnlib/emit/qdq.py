@@ -1,0 +1,213 @@
+"""Write a plan as a QDQ model: QuantizeLinear/DequantizeLinear pairs onnxruntime fuses.
+
+For a quantised activation ``t`` produced by node P:
+
+* ``P -> t -> QuantizeLinear -> t_quantized``; every reader gets its own
+  ``DequantizeLinear -> t_dequantized[_k]`` (onnxruntime needs one DQ per consumer to fuse);
+* if ``t`` is a graph output or read by a subgraph, P writes ``t_prequant`` instead and a
+  DequantizeLinear writes ``t`` itself, so the name the user sees is kept;
+* a graph input that feeds only float ops is left alone for them.
+
+Weights become int8 initializers with per-channel scales feeding a DequantizeLinear (``axis``
+set); biases int32 initializers. Dropped activations (Relu/Clip folded into their producer)
+disappear and the producer writes their output. Nodes are written in an order that keeps the
+graph topologically sorted, and every inserted name comes from one :class:`NameAllocator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.names import NameAllocator
+from qnnlib.numerics import affine
+from qnnlib.numerics.qtypes import qtype
+from qnnlib.plan import QuantPlan, WeightPlan
+from qnnlib.version import __version__
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """The QDQ model, and for each quantised activation the name of its integer (QuantizeLinear) tensor."""
+
+    model: onnx.ModelProto
+    quantized_names: dict[str, str]
+
+
+class _Writer:
+    """Collects inserted nodes and initializers around the original nodes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.names = NameAllocator(model)
+        self.head: list[onnx.NodeProto] = []
+        self.before: dict[int, list[onnx.NodeProto]] = {}
+        self.after: dict[int, list[onnx.NodeProto]] = {}
+        self.initializers: list[onnx.TensorProto] = []
+
+    def constant(self, base: str, value: np.ndarray) -> str:
+        name = self.names.fresh(base)
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output_base: str, *, axis: int | None = None,
+             output: str | None = None) -> onnx.NodeProto:
+        out = output if output is not None else self.names.fresh(output_base)
+        kwargs = {"axis": axis} if axis is not None else {}
+        return helper.make_node(op, inputs, [out], name=self.names.fresh(f"{out}_{op}"), **kwargs)
+
+
+def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
+    """A new QDQ model for ``plan``; ``model`` (the normalised float model) is not changed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _drop_activations(out, plan.dropped_activations)
+    index = GraphIndex(out)
+    writer = _Writer(out)
+    layers = {layer.node for layer in plan.layers}
+    quantized_names: dict[str, str] = {}
+    tensors = [m for g in plan.groups for m in g.members]
+    for tensor in sorted(tensors, key=_order_key(index)):
+        if index.is_constant(tensor):
+            _emit_constant(index, writer, plan, tensor, layers)
+        elif index.producer(tensor) is not None or tensor in index.graph_inputs:
+            q_name = _emit_activation(index, writer, plan, tensor, layers)
+            if q_name:
+                quantized_names[tensor] = q_name
+    _emit_weights(index, writer, plan)
+    nodes: list[onnx.NodeProto] = list(writer.head)
+    for node in index.nodes:
+        nodes.extend(writer.before.get(id(node), ()))
+        nodes.append(node)
+        nodes.extend(writer.after.get(id(node), ()))
+    replace_nodes(out, nodes)
+    out.graph.initializer.extend(writer.initializers)
+    drop_unused_initializers(out)
+    _stamp(out)
+    return Emitted(out, quantized_names)
+
+
+def _order_key(index: GraphIndex):  # type: ignore[no-untyped-def]
+    rank: dict[str, int] = {name: -1 for name in index.graph_inputs}
+    for node in index.nodes:
+        for name in node.output:
+            rank.setdefault(name, index.position(node))
+    return lambda t: (rank.get(t, -2), t)
+
+
+def _drop_activations(model: onnx.ModelProto, dropped: tuple[str, ...]) -> None:
+    """Remove each dropped Relu/Clip; its producer writes the activation's output instead."""
+    if not dropped:
+        return
+    index = GraphIndex(model)
+    by_name = {n.name: n for n in index.nodes}
+    gone: set[int] = set()
+    for name in dropped:
+        act = by_name[name]
+        producer = index.producer(act.input[0])
+        assert producer is not None, f"dropped activation {name!r} has no producer"
+        for i, o in enumerate(producer.output):
+            if o == act.input[0]:
+                producer.output[i] = act.output[0]
+        gone.add(id(act))
+    replace_nodes(model, (n for n in model.graph.node if id(n) not in gone))
+
+
+def _qparams(writer: _Writer, plan: QuantPlan, tensor: str) -> tuple[str, str]:
+    params = plan.params(tensor)
+    qt = qtype(params.qtype)
+    scale = writer.constant(f"{tensor}_scale", np.array(params.scale, np.float32))
+    zero = writer.constant(f"{tensor}_zero_point", np.array(params.zero_point, qt.np_dtype))
+    return scale, zero
+
+
+def _emit_activation(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor: str, layers: set[str]) -> str:
+    producer = index.producer(tensor)
+    produced_by_layer = producer is not None and producer.name in layers
+    uses = [u for u in index.uses(tensor) if u.index >= 0]
+    readers = [u for u in uses if produced_by_layer or u.node.name in layers]
+    keep_name = produced_by_layer and (index.is_graph_output(tensor) or index.read_in_subgraph(tensor))
+    if not readers and not keep_name:
+        return ""
+    scale, zero = _qparams(writer, plan, tensor)
+    source = tensor
+    if keep_name:
+        assert producer is not None
+        source = writer.names.fresh(f"{tensor}_prequant")
+        for i, o in enumerate(producer.output):
+            if o == tensor:
+                producer.output[i] = source
+        readers = uses  # every in-graph reader now reads a DequantizeLinear instead
+    quant = writer.node("QuantizeLinear", [source, scale, zero], f"{tensor}_quantized")
+    placed = writer.after.setdefault(id(producer), []) if producer is not None else writer.head
+    placed.append(quant)
+    q_name = quant.output[0]
+    if keep_name:
+        placed.append(writer.node("DequantizeLinear", [q_name, scale, zero], "", output=tensor))
+    for use in readers:
+        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized")
+        use.node.input[use.index] = dq.output[0]
+        writer.before.setdefault(id(use.node), []).append(dq)
+    return q_name
+
+
+def _emit_constant(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor: str, layers: set[str]) -> None:
+    """A float constant read by a quantised op (e.g. Add's second input) becomes an integer initializer."""
+    readers = [u for u in index.uses(tensor) if u.index >= 0 and u.node.name in layers]
+    if not readers:
+        return
+    params = plan.params(tensor)
+    qt = qtype(params.qtype)
+    value = affine.quantize(index.constant(tensor), params.scale, params.zero_point, qt)
+    q_name = writer.constant(f"{tensor}_quantized", value)
+    scale, zero = _qparams(writer, plan, tensor)
+    for use in readers:
+        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized")
+        use.node.input[use.index] = dq.output[0]
+        writer.before.setdefault(id(use.node), []).append(dq)
+
+
+def _emit_weights(index: GraphIndex, writer: _Writer, plan: QuantPlan) -> None:
+    nodes = {n.name: n for n in index.nodes}
+    cache: dict[tuple[str, str, bytes], tuple[str, str, str]] = {}
+    for wp in plan.weights:
+        node = nodes[wp.node]
+        scales = np.asarray(wp.scales, np.float32)
+        key = (wp.tensor, wp.kind, scales.tobytes() + str(wp.axis).encode())
+        if key not in cache:
+            cache[key] = _quantized_weight(index, writer, wp, scales)
+        q_name, scale, zero = cache[key]
+        axis = wp.axis if scales.size > 1 else None
+        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{wp.tensor}_dequantized", axis=axis)
+        node.input[wp.input_index] = dq.output[0]
+        writer.before.setdefault(id(node), []).append(dq)
+
+
+def _quantized_weight(index: GraphIndex, writer: _Writer, wp: WeightPlan, scales: np.ndarray) -> tuple[str, str, str]:
+    value = index.constant(wp.tensor).astype(np.float32)
+    if wp.kind == "bias":
+        q, _ = affine.quantize_bias(value.reshape(-1), scales)
+        zero_value = np.zeros(scales.shape, np.int32)
+    else:
+        qt = qtype(wp.qtype)
+        axis = wp.axis if scales.size > 1 else None
+        q = affine.quantize_weight(value, scales, axis, qt)
+        zero_value = np.zeros(scales.shape, qt.np_dtype)
+    if scales.size == 1:
+        scales, zero_value = scales.reshape(()), zero_value.reshape(())
+    q_name = writer.constant(f"{wp.tensor}_quantized", q)
+    scale = writer.constant(f"{wp.tensor}_scale", scales)
+    zero = writer.constant(f"{wp.tensor}_zero_point", zero_value)
+    return q_name, scale, zero
+
+
+def _stamp(model: onnx.ModelProto) -> None:
+    """Record qnnlib's version in the model's metadata (replacing an older stamp)."""
+    props = [p for p in model.metadata_props if p.key != "qnnlib.version"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    model.metadata_props.add(key="qnnlib.version", value=__version__)

@@ -1,0 +1,1 @@
+"""The graph layer: loading, normalising and walking ONNX models; tied groups."""

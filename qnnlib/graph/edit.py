@@ -1,0 +1,25 @@
+"""Small in-place edits of a model's main graph, shared by the passes and the emitters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx
+
+from qnnlib.graph.index import GraphIndex
+
+
+def replace_nodes(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto]) -> None:
+    """Make ``nodes`` (in this order) the graph's node list."""
+    nodes = list(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers that no node (or subgraph) reads and that are not graph outputs."""
+    index = GraphIndex(model)
+    keep = [t for t in model.graph.initializer if index.uses(t.name) or index.is_graph_output(t.name)]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)

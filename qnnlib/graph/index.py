@@ -1,0 +1,146 @@
+"""Producer/consumer edges of an ONNX graph behind small named helpers.
+
+``producer(t)`` is the node that writes tensor ``t``; ``uses(t)`` the (node, input index) pairs
+that read it, in graph order; ``consumers(t)`` those nodes, de-duplicated. Tensors read only
+inside subgraphs (If/Loop/Scan bodies) count as used by the node that owns the subgraph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass(frozen=True)
+class Use:
+    """One read of a tensor: ``node.input[index]``; index is -1 for a read inside a subgraph."""
+
+    node: onnx.NodeProto
+    index: int
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
+    """The graphs held in a node's attributes (If branches, Loop and Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def outer_references(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads that it neither defines nor receives as inputs."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(n for n in node.input if n)
+        for sub in subgraphs(node):
+            read |= outer_references(sub)
+        defined.update(node.output)
+    read.update(o.name for o in graph.output)
+    return read - defined
+
+
+class GraphIndex:
+    """Read-only index over the main graph of a model. Rebuild it after editing the graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.model = model
+        self.graph = graph
+        self.nodes: tuple[onnx.NodeProto, ...] = tuple(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs: tuple[str, ...] = tuple(
+            i.name for i in graph.input if i.name not in self.initializers
+        )
+        self.graph_outputs: tuple[str, ...] = tuple(o.name for o in graph.output)
+        self._output_set = frozenset(self.graph_outputs)
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._uses: dict[str, list[Use]] = {}
+        self._order = {id(n): i for i, n in enumerate(self.nodes)}
+        for node in self.nodes:
+            for name in node.output:
+                if name:
+                    self._producer[name] = node
+            for i, name in enumerate(node.input):
+                if name:
+                    self._uses.setdefault(name, []).append(Use(node, i))
+            for sub in subgraphs(node):
+                for name in sorted(outer_references(sub)):
+                    self._uses.setdefault(name, []).append(Use(node, -1))
+        self._types: dict[str, int] = {}
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                self._types[vi.name] = vi.type.tensor_type.elem_type
+        for t in graph.initializer:
+            self._types[t.name] = t.data_type
+        self._shapes: dict[str, tuple[int | str | None, ...]] = {}
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                self._shapes[vi.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim
+                )
+
+    # -- edges -------------------------------------------------------------------------------
+    def producer(self, tensor: str) -> onnx.NodeProto | None:
+        """The node that writes ``tensor``, or None for graph inputs and initializers."""
+        return self._producer.get(tensor)
+
+    def uses(self, tensor: str) -> tuple[Use, ...]:
+        """Every read of ``tensor`` by a node of this graph, in graph order."""
+        return tuple(self._uses.get(tensor, ()))
+
+    def consumers(self, tensor: str) -> tuple[onnx.NodeProto, ...]:
+        """The distinct nodes that read ``tensor``, in graph order."""
+        seen: dict[int, onnx.NodeProto] = {}
+        for use in self._uses.get(tensor, ()):
+            seen.setdefault(id(use.node), use.node)
+        return tuple(seen.values())
+
+    def is_graph_output(self, tensor: str) -> bool:
+        """Whether ``tensor`` is one of the graph's outputs."""
+        return tensor in self._output_set
+
+    def read_in_subgraph(self, tensor: str) -> bool:
+        """Whether a subgraph reads ``tensor`` from this graph by name."""
+        return any(u.index < 0 for u in self._uses.get(tensor, ()))
+
+    def position(self, node: onnx.NodeProto) -> int:
+        """The node's index in graph order."""
+        return self._order[id(node)]
+
+    # -- values ------------------------------------------------------------------------------
+    def is_constant(self, tensor: str) -> bool:
+        """Whether ``tensor`` is an initializer (a weight, bias or other constant)."""
+        return tensor in self.initializers
+
+    def constant(self, tensor: str) -> np.ndarray:
+        """The value of an initializer as a numpy array."""
+        return numpy_helper.to_array(self.initializers[tensor])
+
+    def elem_type(self, tensor: str) -> int | None:
+        """The ONNX element type of ``tensor`` when known."""
+        return self._types.get(tensor)
+
+    def shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
+        """The static shape of ``tensor`` when known: ints, names of symbolic dims, or None."""
+        if tensor in self.initializers:
+            return tuple(self.initializers[tensor].dims)
+        return self._shapes.get(tensor)
+
+    def is_float(self, tensor: str) -> bool:
+        """Whether ``tensor`` holds float32 values (the only type qnnlib quantises)."""
+        return self._types.get(tensor) == onnx.TensorProto.FLOAT
+
+
+def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """The value of a node attribute, or ``default`` when absent."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default

@@ -1,0 +1,186 @@
+"""How each op type is quantised: one table, read by the selection and the tied-group builder.
+
+Kinds:
+
+* ``WEIGHTED``: Conv, MatMul, Gemm. Activation inputs and outputs are quantised, a constant
+  weight per output channel, a constant bias to int32 (onnxruntime: QLinearConv,
+  QLinearMatMul, QGemm).
+* ``QUANTIZED_IO``: ops with an integer kernel of their own (QLinearAdd, QLinearMul,
+  QLinearAveragePool, QLinearGlobalAveragePool, QLinearSoftmax, QLinearSigmoid,
+  QLinearLeakyRelu): every float input and output is quantised, each with its own parameters.
+* ``TIE_ALL``: Concat. All inputs and the output share one set of parameters, so no input is
+  requantised (QLinearConcat copies bytes).
+* ``PASS_THROUGH``: ops that only move or select values (MaxPool, Reshape, Transpose, ...). In the
+  quantised region their data input and outputs share parameters; onnxruntime then runs them on
+  uint8 and drops their Q/DQ pair.
+* ``FOLDABLE_ACTIVATION``: Relu, Clip. Tied to their producer's output when they are its only
+  reader; the emitter drops the node where clipping at the quantisation range is the same
+  function (zero point at qmin for Relu; range inside the Clip bounds for Clip).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx
+
+from qnnlib.graph.index import GraphIndex, attribute
+
+
+class Kind(enum.Enum):
+    """How an op type takes part in quantisation."""
+
+    WEIGHTED = "weighted"
+    QUANTIZED_IO = "quantized_io"
+    TIE_ALL = "tie_all"
+    PASS_THROUGH = "pass_through"
+    FOLDABLE_ACTIVATION = "foldable_activation"
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """The quantisation rule of one op type.
+
+    ``data_inputs``: indices of inputs that carry activations (None: every input).
+    ``data_outputs``: indices of outputs that carry activations (None: every output).
+    ``weight_input`` / ``bias_input``: for WEIGHTED ops, the constant weight and bias slots.
+    """
+
+    kind: Kind
+    data_inputs: tuple[int, ...] | None = None
+    data_outputs: tuple[int, ...] | None = (0,)
+    weight_input: int | None = None
+    bias_input: int | None = None
+
+
+_IO = OpRule(Kind.QUANTIZED_IO)
+_IO0 = OpRule(Kind.QUANTIZED_IO, data_inputs=(0,))
+_PASS = OpRule(Kind.PASS_THROUGH, data_inputs=(0,))
+
+RULES: dict[str, OpRule] = {
+    "Conv": OpRule(Kind.WEIGHTED, data_inputs=(0,), weight_input=1, bias_input=2),
+    "MatMul": OpRule(Kind.WEIGHTED, data_inputs=(0, 1), weight_input=1),
+    "Gemm": OpRule(Kind.WEIGHTED, data_inputs=(0, 1), weight_input=1, bias_input=2),
+    "Add": _IO,
+    "Mul": _IO,
+    "AveragePool": _IO0,
+    "GlobalAveragePool": _IO0,
+    "Softmax": _IO0,
+    "Sigmoid": _IO0,
+    "LeakyRelu": _IO0,
+    "Concat": OpRule(Kind.TIE_ALL),
+    "MaxPool": _PASS,
+    "GlobalMaxPool": _PASS,
+    "Reshape": _PASS,
+    "Flatten": _PASS,
+    "Transpose": _PASS,
+    "Squeeze": _PASS,
+    "Unsqueeze": _PASS,
+    "Slice": _PASS,
+    "Split": OpRule(Kind.PASS_THROUGH, data_inputs=(0,), data_outputs=None),
+    "Gather": _PASS,
+    "Resize": _PASS,
+    "Pad": _PASS,
+    "DepthToSpace": _PASS,
+    "SpaceToDepth": _PASS,
+    "Identity": _PASS,
+    "Relu": OpRule(Kind.FOLDABLE_ACTIVATION, data_inputs=(0,)),
+    "Clip": OpRule(Kind.FOLDABLE_ACTIVATION, data_inputs=(0,)),
+}
+
+
+def rule_for(node: onnx.NodeProto, index: GraphIndex) -> tuple[OpRule | None, str]:
+    """The rule that applies to ``node``, or None with the reason it stays float."""
+    if node.domain not in ("", "ai.onnx"):
+        return None, f"op of domain {node.domain!r} has no integer kernel"
+    rule = RULES.get(node.op_type)
+    if rule is None:
+        return None, f"{node.op_type} has no integer kernel in onnxruntime"
+    op = node.op_type
+    if rule.kind is Kind.WEIGHTED:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if op == "Conv" and not index.is_constant(weight):
+            return None, "Conv weight is not a constant"
+        if op == "Gemm":
+            if not index.is_constant(weight):
+                rule = OpRule(Kind.WEIGHTED, data_inputs=(0, 1), bias_input=2)
+            bias = node.input[2] if len(node.input) > 2 else ""
+            if bias and not _gemm_bias_ok(node, index):
+                return None, "Gemm bias C is not a constant vector of N values"
+        if op == "MatMul" and not (index.is_constant(weight) and _matmul_weight_ok(index, weight)):
+            rule = OpRule(Kind.WEIGHTED, data_inputs=(0, 1))
+        if op == "Conv" and len(node.input) > 2 and node.input[2] and not index.is_constant(node.input[2]):
+            return None, "Conv bias is not a constant"
+    if op == "Resize" and attribute(node, "mode", b"nearest") not in (b"nearest", b"linear", "nearest", "linear"):
+        return None, "cubic Resize can overshoot its input range"
+    if op == "Pad" and not _pad_with_zero(node, index):
+        return None, "Pad with a non-zero or non-constant value"
+    if op in ("MaxPool",) and len(node.output) > 1 and node.output[1]:
+        return None, "MaxPool with an Indices output"
+    if op == "Clip" and not _clip_bounds_constant(node, index):
+        return None, "Clip bounds are not constants"
+    return rule, ""
+
+
+def data_inputs(node: onnx.NodeProto, rule: OpRule) -> list[tuple[int, str]]:
+    """The (index, tensor) pairs of the inputs that carry activations under ``rule``."""
+    picks = range(len(node.input)) if rule.data_inputs is None else rule.data_inputs
+    return [(i, node.input[i]) for i in picks if i < len(node.input) and node.input[i]]
+
+
+def data_outputs(node: onnx.NodeProto, rule: OpRule) -> list[str]:
+    """The outputs that carry activations under ``rule``."""
+    picks = range(len(node.output)) if rule.data_outputs is None else rule.data_outputs
+    return [node.output[i] for i in picks if i < len(node.output) and node.output[i]]
+
+
+def weight_axis(node: onnx.NodeProto, weight_rank: int) -> int:
+    """The output-channel axis of a weight: Conv 0; MatMul last; Gemm 0 if transB else 1."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return weight_rank - 1
+
+
+def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float, float]:
+    """The (min, max) of a Clip node, from attributes (opset < 11) or constant inputs."""
+    lo, hi = float("-inf"), float("inf")
+    if attribute(node, "min") is not None:
+        lo = float(attribute(node, "min"))  # type: ignore[arg-type]
+    if attribute(node, "max") is not None:
+        hi = float(attribute(node, "max"))  # type: ignore[arg-type]
+    if len(node.input) > 1 and node.input[1]:
+        lo = float(index.constant(node.input[1]))
+    if len(node.input) > 2 and node.input[2]:
+        hi = float(index.constant(node.input[2]))
+    return lo, hi
+
+
+def _clip_bounds_constant(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    return all(index.is_constant(n) for n in node.input[1:] if n)
+
+
+def _pad_with_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    mode = attribute(node, "mode", b"constant")
+    if mode not in (b"constant", "constant"):
+        return False
+    if attribute(node, "value") not in (None, 0.0):
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        return index.is_constant(node.input[2]) and float(index.constant(node.input[2]).reshape(-1)[0]) == 0.0
+    return True
+
+
+def _matmul_weight_ok(index: GraphIndex, weight: str) -> bool:
+    shape = index.shape(weight)
+    return shape is not None and len(shape) >= 2
+
+
+def _gemm_bias_ok(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    bias = node.input[2]
+    if not index.is_constant(bias):
+        return False
+    shape = index.shape(bias) or ()
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)

@@ -1,0 +1,266 @@
+"""Which nodes are quantised, which tensors get Q/DQ, and which tensors are tied.
+
+The selection reads the rules table (:mod:`qnnlib.graph.rules`) over the graph:
+
+1. Every WEIGHTED, QUANTIZED_IO and TIE_ALL node that is not excluded is a quantised layer; its
+   float activation inputs and outputs are quantised tensors.
+2. PASS_THROUGH and FOLDABLE_ACTIVATION nodes join when their data input or an output is already
+   quantised, repeated until nothing changes: a quantised region grows through them.
+3. Ties: Concat ties every input to its output; a pass-through op ties its data input to its
+   outputs; a foldable activation ties its input to its output when it is that input's only reader.
+
+The tail stays float: ops after the last Conv, MatMul or Gemm (a classifier's pooling and Softmax,
+a detector's box decoding and output Concat) gain nothing from integer kernels and would only add
+rounding to the user's outputs. So QUANTIZED_IO, TIE_ALL and PASS_THROUGH nodes from which no
+weighted layer can be reached stay float.
+
+A MatMul or Gemm output is quantised only when a quantised reader needs it: otherwise onnxruntime
+runs the layer as MatMulIntegerToFloat or QGemm with a float output, which saves a rounding and a
+requantisation. A Conv always quantises its output: onnxruntime has no Conv kernel with integer
+inputs and a float output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx
+
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.rules import Kind, OpRule, data_inputs, data_outputs, rule_for, weight_axis
+
+#: A quantised constant's role: a per-channel weight or an int32 bias.
+WEIGHT, BIAS = "weight", "bias"
+#: Layers whose integer kernel can write a float output (MatMulIntegerToFloat, QGemm).
+FLOAT_OUTPUT_KERNELS = frozenset({"MatMul", "Gemm"})
+TAIL_REASON = "after the last weighted layer: kept float, an integer kernel gains nothing there"
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Tensors ``a`` and ``b`` share parameters because of ``node`` (an op of type ``op_type``).
+
+    ``covered`` is the one of the two whose values need not be observed: a pass-through op's output
+    (its values come from the input), a Concat input (its values are part of the output), or the
+    input of a folded activation (the range wanted is the activation's output).
+    """
+
+    a: str
+    b: str
+    node: str
+    op_type: str
+    covered: str
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """A constant input of a weighted layer that is quantised as a weight or a bias."""
+
+    node: str
+    input_index: int
+    tensor: str
+    kind: str
+    axis: int | None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of selection, all in graph order."""
+
+    layers: tuple[str, ...]
+    activations: tuple[str, ...]
+    ties: tuple[Tie, ...]
+    weights: tuple[WeightSlot, ...]
+    foldable: tuple[str, ...]
+    float_nodes: tuple[tuple[str, str], ...] = ()
+    excluded: tuple[str, ...] = ()
+    _layer_set: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_layer_set", frozenset(self.layers))
+
+    def is_layer(self, node: str) -> bool:
+        """Whether ``node`` runs quantised."""
+        return node in self._layer_set
+
+    def observed(self, index: GraphIndex) -> tuple[str, ...]:
+        """Quantised activations whose values calibration must see: no constant, no covered tie member.
+
+        A group's range is the union of its observed members' ranges, which contains every member's.
+        """
+        covered = {t.covered for t in self.ties}
+        return tuple(t for t in self.activations if t not in covered and not index.is_constant(t))
+
+
+def match_excluded(index: GraphIndex, names: Iterable[str], op_types: Iterable[str]) -> tuple[set[str], list[str]]:
+    """Node names matched by exact names or glob patterns and by op types; and patterns matching nothing."""
+    node_names = [n.name for n in index.nodes]
+    out: set[str] = set()
+    unmatched: list[str] = []
+    for pattern in names:
+        hits = [n for n in node_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            unmatched.append(pattern)
+        out.update(hits)
+    wanted_types = set(op_types)
+    out.update(n.name for n in index.nodes if n.op_type in wanted_types)
+    return out, unmatched
+
+
+def select(index: GraphIndex, *, excluded: set[str] | frozenset[str] = frozenset(),
+           per_channel: bool = True) -> Selection:
+    """Apply the rules table to the graph; see the module docstring."""
+    quantised: dict[str, None] = {}
+    layers: dict[str, None] = {}
+    ties: list[Tie] = []
+    weights: list[WeightSlot] = []
+    float_nodes: list[tuple[str, str]] = []
+    foldable: list[str] = []
+    growing: list[tuple[onnx.NodeProto, OpRule]] = []
+
+    def is_activation(name: str) -> bool:
+        return bool(name) and index.is_float(name)
+
+    tail = tail_nodes(index, excluded)
+
+    for node in index.nodes:
+        if node.name in excluded:
+            continue
+        rule, reason = rule_for(node, index)
+        if rule is None:
+            float_nodes.append((node.name, reason))
+            continue
+        if rule.kind in (Kind.PASS_THROUGH, Kind.FOLDABLE_ACTIVATION):
+            growing.append((node, rule))
+            continue
+        inputs = data_inputs(node, rule)
+        outputs = data_outputs(node, rule)
+        if not outputs or not all(is_activation(o) for o in outputs):
+            float_nodes.append((node.name, "its output is not float32"))
+            continue
+        if rule.kind is not Kind.WEIGHTED and node.name in tail:
+            float_nodes.append((node.name, TAIL_REASON))
+            continue
+        if node.op_type in FLOAT_OUTPUT_KERNELS:  # quantised only if a quantised reader asks for it
+            outputs = [o for o in outputs if _bias_add_follows(index, o)]
+        slots = _weight_slots(node, rule, index, per_channel)
+        slot_inputs = {s.input_index for s in slots}
+        act_inputs = [(i, t) for i, t in inputs if i not in slot_inputs]
+        if not all(is_activation(t) for _, t in act_inputs):
+            float_nodes.append((node.name, "an input is not float32"))
+            continue
+        layers[node.name] = None
+        weights.extend(slots)
+        for _, t in act_inputs:
+            quantised[t] = None
+        for t in outputs:
+            quantised[t] = None
+        if rule.kind is Kind.TIE_ALL:
+            ties.extend(Tie(t, outputs[0], node.name, node.op_type, covered=t) for _, t in act_inputs)
+
+    changed = True
+    while changed:
+        changed = False
+        for node, rule in growing:
+            if node.name in layers:
+                continue
+            data = node.input[0] if node.input else ""
+            outputs = data_outputs(node, rule)
+            if not is_activation(data) or index.is_constant(data) or not outputs:
+                continue
+            if not all(is_activation(o) for o in outputs):
+                continue
+            if rule.kind is Kind.PASS_THROUGH and node.name in tail:
+                continue
+            if rule.kind is Kind.FOLDABLE_ACTIVATION and any(index.is_graph_output(o) for o in outputs):
+                continue
+            if data not in quantised and not any(o in quantised for o in outputs):
+                continue
+            if rule.kind is Kind.FOLDABLE_ACTIVATION and not _sole_reader(index, data):
+                continue
+            layers[node.name] = None
+            if rule.kind is Kind.FOLDABLE_ACTIVATION:
+                foldable.append(node.name)
+            quantised[data] = None
+            for o in outputs:
+                quantised[o] = None
+                covered = data if rule.kind is Kind.FOLDABLE_ACTIVATION else o
+                ties.append(Tie(data, o, node.name, node.op_type, covered=covered))
+            changed = True
+
+    order = {name: i for i, name in enumerate(n.name for n in index.nodes)}
+    layer_names = tuple(sorted(layers, key=order.__getitem__))
+    in_layers = set(layer_names)
+    for node, _ in growing:
+        if node.name not in in_layers and node.name not in excluded:
+            float_nodes.append((node.name, "outside the quantised region"))
+    return Selection(
+        layers=layer_names,
+        activations=tuple(_graph_order(index, quantised)),
+        ties=tuple(ties),
+        weights=tuple(weights),
+        foldable=tuple(sorted(foldable, key=order.__getitem__)),
+        float_nodes=tuple(sorted(float_nodes, key=lambda p: order[p[0]])),
+        excluded=tuple(sorted(excluded, key=order.__getitem__)),
+    )
+
+
+def tail_nodes(index: GraphIndex, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
+    """Nodes from which no (non-excluded) weighted layer is reachable: the model's float tail."""
+    reaches: set[str] = set()
+    for node in reversed(index.nodes):
+        rule, _ = rule_for(node, index)
+        weighted = rule is not None and rule.kind is Kind.WEIGHTED and node.name not in excluded
+        if weighted or any(c.name in reaches for o in node.output if o for c in index.consumers(o)):
+            reaches.add(node.name)
+    return frozenset(n.name for n in index.nodes if n.name not in reaches)
+
+
+def _bias_add_follows(index: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor`` feeds an Add with a constant operand.
+
+    onnxruntime fuses a float-output MatMul with such an Add into a float Gemm before its QDQ
+    fusions run, so that MatMul's output must stay quantised.
+    """
+    for use in index.uses(tensor):
+        node = use.node
+        if node.op_type == "Add" and any(index.is_constant(n) for n in node.input if n != tensor):
+            return True
+    return False
+
+
+def _sole_reader(index: GraphIndex, tensor: str) -> bool:
+    """Whether one node reads ``tensor`` once, and it is neither a graph output nor read by a subgraph."""
+    return (len(index.uses(tensor)) == 1 and not index.is_graph_output(tensor)
+            and not index.read_in_subgraph(tensor) and index.producer(tensor) is not None)
+
+
+def _weight_slots(node: onnx.NodeProto, rule: OpRule, index: GraphIndex, per_channel: bool) -> list[WeightSlot]:
+    slots: list[WeightSlot] = []
+    if rule.weight_input is not None and rule.weight_input < len(node.input):
+        weight = node.input[rule.weight_input]
+        if index.is_constant(weight) and index.is_float(weight):
+            rank = len(index.shape(weight) or ())
+            axis = weight_axis(node, rank) if per_channel else None
+            slots.append(WeightSlot(node.name, rule.weight_input, weight, WEIGHT, axis))
+    if rule.bias_input is not None and rule.bias_input < len(node.input):
+        bias = node.input[rule.bias_input]
+        if bias and index.is_constant(bias) and index.is_float(bias):
+            slots.append(WeightSlot(node.name, rule.bias_input, bias, BIAS, 0))
+    return slots
+
+
+def _graph_order(index: GraphIndex, tensors: dict[str, None]) -> list[str]:
+    """Graph inputs and constants first (in input order), then tensors in producing-node order."""
+    rank: dict[str, tuple[int, int]] = {}
+    for i, name in enumerate(index.graph_inputs):
+        rank[name] = (-2, i)
+    for i, name in enumerate(index.initializers):
+        rank.setdefault(name, (-1, i))
+    for node in index.nodes:
+        pos = index.position(node)
+        for j, name in enumerate(node.output):
+            rank.setdefault(name, (pos, j))
+    return sorted(tensors, key=lambda t: rank.get(t, (len(index.nodes), 0)))

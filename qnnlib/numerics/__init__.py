@@ -1,0 +1,1 @@
+"""Pure numpy functions: quantisation types, affine quantisation, error metrics."""

@@ -1,0 +1,136 @@
+"""Affine quantisation as pure functions.
+
+Conventions (DESIGN.md section 3):
+
+* ``r = s * (q - z)`` and ``q = clip(rint(r / s) + z, qmin, qmax)``; ``np.rint`` rounds half to
+  even, as onnxruntime does.
+* Scales are float32, zero points integers; zero is always exactly representable.
+* Weights are symmetric (``z = 0``) over the restricted range ``[-qmax, qmax]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qnnlib.numerics.qtypes import INT32, QType
+
+#: Scales below this are replaced by 1.0: the tensor is (numerically) constant zero.
+MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def activation_qparams(lo: float, hi: float, qt: QType, *, symmetric: bool = False) -> tuple[np.float32, int]:
+    """Scale and zero point that map ``[min(lo, 0), max(hi, 0)]`` onto ``[qmin, qmax]``.
+
+    Asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = clip(rint(qmin - lo / s), qmin, qmax)``.
+    Symmetric (signed types only): ``s = max(|lo|, |hi|) / qmax``, ``z = 0``.
+    A range of width zero gives ``s = 1`` and the zero point of 0.0.
+    """
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"range bounds must be finite, got [{lo}, {hi}]")
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        if not qt.signed:
+            raise ValueError(f"symmetric quantisation needs a signed type, got {qt.name}")
+        amax = max(-lo, hi)
+        scale = np.float32(amax / qt.qmax)
+        if scale < MIN_SCALE:
+            return np.float32(1.0), 0
+        return scale, 0
+    scale = np.float32((hi - lo) / (qt.qmax - qt.qmin))
+    if scale < MIN_SCALE:
+        return np.float32(1.0), 0 if qt.signed else qt.qmin
+    zero_point = int(np.clip(np.rint(qt.qmin - np.float32(lo) / scale), qt.qmin, qt.qmax))
+    return scale, zero_point
+
+
+def representable_range(scale: float, zero_point: int, qt: QType) -> tuple[float, float]:
+    """The real interval ``[s * (qmin - z), s * (qmax - z)]`` that (scale, zero point) can express."""
+    return float(scale) * (qt.qmin - zero_point), float(scale) * (qt.qmax - zero_point)
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """Reshape a per-channel parameter so that it broadcasts along ``axis`` of an ndim tensor."""
+    if axis is None or np.ndim(param) == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.reshape(param, shape)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, qt: QType,
+             axis: int | None = None) -> np.ndarray:
+    """``q = clip(rint(x / s) + z, qmin, qmax)``, computed in float32 like onnxruntime."""
+    s = _broadcast(np.asarray(scale, np.float32), np.ndim(x), axis)
+    z = _broadcast(np.asarray(zero_point, np.float32), np.ndim(x), axis)
+    q = np.rint(np.asarray(x, np.float32) / s) + z
+    return np.clip(q, qt.qmin, qt.qmax).astype(qt.np_dtype)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int,
+               axis: int | None = None) -> np.ndarray:
+    """``r = s * (q - z)`` in float32."""
+    s = _broadcast(np.asarray(scale, np.float32), np.ndim(q), axis)
+    z = _broadcast(np.asarray(zero_point, np.int64), np.ndim(q), axis)
+    return ((np.asarray(q, np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def fake_quantize(x: np.ndarray, scale: float, zero_point: int, qt: QType) -> np.ndarray:
+    """``dequantize(quantize(x))``: the value the quantised model sees instead of ``x``."""
+    return dequantize(quantize(x, scale, zero_point, qt), scale, zero_point)
+
+
+def weight_scales(w: np.ndarray, axis: int | None, qt: QType) -> np.ndarray:
+    """Symmetric per-channel scales ``s[c] = max|w[c]| / qmax`` (per tensor when axis is None).
+
+    A channel whose weights are all zero gets ``s = 1``; :func:`bias_safe_scales` may refine it.
+    """
+    w = np.asarray(w, np.float32)
+    if axis is None:
+        amax = np.max(np.abs(w), initial=0.0).reshape(1)
+    else:
+        axis = axis % w.ndim
+        reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.max(np.abs(w), axis=reduce_axes, initial=0.0)
+    scales = (amax / np.float32(qt.qmax)).astype(np.float32)
+    scales[scales < MIN_SCALE] = 1.0
+    return scales
+
+
+def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qt: QType) -> np.ndarray:
+    """Symmetric weight quantisation ``q = clip(rint(w / s[c]), -qmax, qmax)``."""
+    q = quantize(w, scales if axis is not None else scales.reshape(()), 0, qt, axis)
+    return np.clip(q, -qt.qmax, qt.qmax).astype(qt.np_dtype)
+
+
+def bias_scales(input_scale: np.float32, w_scales: np.ndarray) -> np.ndarray:
+    """Bias scale ``s_b[c] = f32(s_in * s_w[c])``, the scale an integer kernel accumulates in."""
+    return (np.float32(input_scale) * np.asarray(w_scales, np.float32)).astype(np.float32)
+
+
+def quantize_bias(b: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, int]:
+    """``q = clip(rint(b / s_b), int32 range)``; returns q and the number of clamped elements."""
+    ratio = np.rint(np.asarray(b, np.float64) / np.asarray(scales, np.float64))
+    clamped = int(np.count_nonzero((ratio < INT32.qmin) | (ratio > INT32.qmax)))
+    return np.clip(ratio, INT32.qmin, INT32.qmax).astype(np.int32), clamped
+
+
+def bias_safe_scales(w_scales: np.ndarray, w: np.ndarray, axis: int, bias: np.ndarray | None,
+                     input_scale: np.float32) -> np.ndarray:
+    """Give all-zero weight channels a scale at which their bias is representable in int32.
+
+    For such a channel the weight scale is free (every weight is 0), so choose
+    ``s_w = |b| / (s_in * 2**30)`` rather than 1, which would quantise the bias at step ``s_in``.
+    """
+    if bias is None:
+        return w_scales
+    axis = axis % w.ndim
+    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+    zero_channel = np.max(np.abs(w), axis=reduce_axes, initial=0.0) == 0
+    if not zero_channel.any():
+        return w_scales
+    out = w_scales.copy()
+    b = np.abs(np.asarray(bias, np.float64)).reshape(-1)
+    wanted = b / (float(input_scale) * 2.0**30)
+    pick = zero_channel & (wanted > MIN_SCALE)
+    out[pick] = wanted[pick].astype(np.float32)
+    return out

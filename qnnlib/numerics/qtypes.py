@@ -1,0 +1,47 @@
+"""Integer types that quantised tensors are stored in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+
+@dataclass(frozen=True)
+class QType:
+    """An integer storage type: its name, numpy dtype, ONNX element type and range."""
+
+    name: str
+    np_dtype: type[np.integer]
+    onnx_type: int
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        """Whether the type holds negative values."""
+        return self.qmin < 0
+
+    @property
+    def levels(self) -> int:
+        """Number of representable values, ``qmax - qmin + 1``."""
+        return self.qmax - self.qmin + 1
+
+
+UINT8 = QType("uint8", np.uint8, TensorProto.UINT8, 0, 255)
+INT8 = QType("int8", np.int8, TensorProto.INT8, -128, 127)
+INT32 = QType("int32", np.int32, TensorProto.INT32, -(2**31), 2**31 - 1)
+
+QTYPES: dict[str, QType] = {t.name: t for t in (UINT8, INT8, INT32)}
+
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8",)
+
+
+def qtype(name: str) -> QType:
+    """Look up a QType by name; raise KeyError listing the known names otherwise."""
+    try:
+        return QTYPES[name]
+    except KeyError:
+        raise KeyError(f"unknown quantisation type {name!r}; known: {sorted(QTYPES)}") from None

@@ -1,0 +1,168 @@
+"""Build the quantisation plan from the selection, the tied groups and calibration ranges.
+
+* A group's range is the union of its members' calibrated ranges (constants contribute their
+  min and max); an override on any member fixes the whole group.
+* Activation parameters come from :func:`qnnlib.numerics.affine.activation_qparams`.
+* Weights are symmetric per output channel; a bias is int32 at ``s_in * s_w[c]`` and values that
+  overflow int32 are clamped and counted.
+* A foldable Relu or Clip is dropped where its group's representable range lies within its
+  bounds (within half a step), i.e. where clipping to the quantisation range is the same function.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from qnnlib.config import QuantConfig, TensorOverride
+from qnnlib.errors import ConfigError
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.rules import RULES, clip_bounds, data_inputs
+from qnnlib.graph.select import BIAS, WEIGHT, Selection
+from qnnlib.graph.tying import TiedGroup
+from qnnlib.numerics import affine
+from qnnlib.numerics.qtypes import qtype
+from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan, WeightPlan
+
+log = logging.getLogger(__name__)
+
+
+def group_range(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], index: GraphIndex) -> tuple[float, float]:
+    """Union of the members' ranges; constants give their own min and max; (0, 0) if none is known."""
+    lo, hi = np.inf, -np.inf
+    for member in group.members:
+        if index.is_constant(member):
+            value = index.constant(member).astype(np.float32)
+            if value.size:
+                lo, hi = min(lo, float(value.min())), max(hi, float(value.max()))
+        elif member in ranges:
+            mlo, mhi = ranges[member]
+            if mlo <= mhi:
+                lo, hi = min(lo, mlo), max(hi, mhi)
+    if lo > hi:
+        return 0.0, 0.0
+    return float(lo), float(hi)
+
+
+def _group_override(group: TiedGroup, overrides: Mapping[str, TensorOverride]) -> tuple[str, TensorOverride] | None:
+    hits = [(m, overrides[m]) for m in group.members if m in overrides]
+    if len({o for _, o in hits}) > 1:
+        names = ", ".join(repr(m) for m, _ in hits)
+        raise ConfigError(
+            f"tensors {names} are tied (they must share parameters) but have different overrides; "
+            "give one override for the group"
+        )
+    return hits[0] if hits else None
+
+
+def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], index: GraphIndex,
+                 config: QuantConfig) -> ActivationParams:
+    """The shared parameters of one group, from an override or from the union of member ranges."""
+    qt = qtype(config.activation_type)
+    hit = _group_override(group, config.overrides)
+    if hit is not None and hit[1].scale is not None:
+        override = hit[1]
+        zp = int(override.zero_point)  # type: ignore[arg-type]
+        if not qt.qmin <= zp <= qt.qmax:
+            raise ConfigError(f"override zero_point {zp} for {hit[0]!r} is outside {qt.name} [{qt.qmin}, {qt.qmax}]")
+        scale = np.float32(override.scale)
+        return ActivationParams(qt.name, float(scale), zp, affine.representable_range(scale, zp, qt), "override")
+    if hit is not None:
+        lo, hi = hit[1].range  # type: ignore[misc]
+        source = "override"
+    else:
+        lo, hi = group_range(group, ranges, index)
+        source = "calibrated"
+    scale, zp = affine.activation_qparams(lo, hi, qt, symmetric=config.activation_symmetric)
+    return ActivationParams(qt.name, float(scale), int(zp), (float(lo), float(hi)), source)
+
+
+def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup, ...],
+               ranges: Mapping[str, tuple[float, float]], config: QuantConfig) -> QuantPlan:
+    """Decide every parameter; see the module docstring."""
+    group_plans = tuple(
+        GroupPlan(g.id, g.members, tuple(dict.fromkeys(t.node for t in g.ties)),
+                  group_params(g, ranges, index, config))
+        for g in groups
+    )
+    plan_groups = {m: gp for gp in group_plans for m in gp.members}
+    weights = _weight_plans(index, selection, plan_groups, config)
+    layers = []
+    nodes = {n.name: n for n in index.nodes}
+    for name in selection.layers:
+        node = nodes[name]
+        rule = RULES[node.op_type]
+        inputs = tuple(t for _, t in data_inputs(node, rule) if t in plan_groups)
+        outputs = tuple(o for o in node.output if o in plan_groups)
+        layers.append(LayerPlan(name, node.op_type, "int8", inputs, outputs))
+    dropped = tuple(
+        name for name in selection.foldable
+        if _fold_is_exact(nodes[name], plan_groups[nodes[name].output[0]].params, index)
+    )
+    return QuantPlan(config.activation_type, config.weight_type, group_plans, weights, tuple(layers), dropped)
+
+
+def _fold_is_exact(node: onnx.NodeProto, params: ActivationParams, index: GraphIndex) -> bool:
+    """Whether clipping to the representable range reproduces the Relu/Clip (to half a step)."""
+    if node.op_type == "Relu":
+        bound_lo, bound_hi = 0.0, np.inf
+    else:
+        bound_lo, bound_hi = clip_bounds(node, index)
+    qt = qtype(params.qtype)
+    lo, hi = affine.representable_range(params.scale, params.zero_point, qt)
+    half = params.scale / 2
+    return lo >= bound_lo - half and hi <= bound_hi + half
+
+
+def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan],
+                  config: QuantConfig) -> tuple[WeightPlan, ...]:
+    wqt = qtype(config.weight_type)
+    nodes = {n.name: n for n in index.nodes}
+    plans: list[WeightPlan] = []
+    weight_scales: dict[str, np.ndarray] = {}
+    biases = {s.node: s for s in selection.weights if s.kind == BIAS}
+    for slot in selection.weights:
+        if slot.kind != WEIGHT:
+            continue
+        node = nodes[slot.node]
+        w = index.constant(slot.tensor).astype(np.float32)
+        if not np.isfinite(w).all():
+            raise ConfigError(
+                f"weight {slot.tensor!r} of node {slot.node!r} holds NaN or inf; fix the model, or keep the "
+                f"node in float with QuantConfig(exclude=({slot.node!r},))"
+            )
+        scales = affine.weight_scales(w, slot.axis, wqt)
+        bias_slot = biases.get(slot.node)
+        if bias_slot is not None and slot.axis is not None:
+            s_in = np.float32(groups[node.input[0]].params.scale)
+            scales = affine.bias_safe_scales(scales, w, slot.axis, index.constant(bias_slot.tensor), s_in)
+        weight_scales[slot.node] = scales
+        plans.append(WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
+                                tuple(float(s) for s in scales)))
+    for slot in selection.weights:
+        if slot.kind != BIAS:
+            continue
+        node = nodes[slot.node]
+        s_in = np.float32(groups[node.input[0]].params.scale)
+        if slot.node in weight_scales:
+            s_w = weight_scales[slot.node]
+        else:  # Gemm whose B is an activation: its group's scale
+            s_w = np.array([groups[node.input[1]].params.scale], np.float32)
+        b = index.constant(slot.tensor).astype(np.float32).reshape(-1)
+        if not np.isfinite(b).all():
+            raise ConfigError(
+                f"bias {slot.tensor!r} of node {slot.node!r} holds NaN or inf; fix the model, or keep the "
+                f"node in float with QuantConfig(exclude=({slot.node!r},))"
+            )
+        scales = affine.bias_scales(s_in, s_w)
+        if scales.size == 1 and b.size > 1:
+            scales = np.full(b.shape, scales[0], np.float32)
+        _, clamped = affine.quantize_bias(b, scales)
+        if clamped:
+            log.warning("bias %r of node %r: %d values overflow int32 and are clamped", slot.tensor, slot.node, clamped)
+        plans.append(WeightPlan(slot.node, slot.input_index, slot.tensor, BIAS, "int32", 0,
+                                tuple(float(s) for s in scales), clamped))
+    return tuple(plans)

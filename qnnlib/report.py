@@ -1,0 +1,213 @@
+"""What quantisation did: per layer, per tied group, per output, per phase.
+
+``Report.to_json()`` for pipelines, ``str(report)`` (``to_text()``) for terminals, and an HTML
+table (``_repr_html_``) for notebooks.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One node of the model: its precision and, when quantised, its output's parameters and SQNR."""
+
+    node: str
+    op_type: str
+    precision: str
+    output: str = ""
+    scale: float | None = None
+    zero_point: int | None = None
+    group: int | None = None
+    sqnr_db: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """A tied group: members share ``scale``/``zero_point``; the nodes that tied them."""
+
+    id: int
+    members: tuple[str, ...]
+    tied_by: tuple[str, ...]
+    scale: float
+    zero_point: int
+    range: tuple[float, float]
+    requantizations_avoided: int
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    """A graph output compared with the float model on the report samples."""
+
+    name: str
+    sqnr_db: float
+    cosine: float
+    max_abs_error: float
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Where the calibration data came from and what was seen."""
+
+    method: str
+    samples: int
+    generated: bool
+    nonfinite_tensors: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """What onnxruntime made of the QDQ model.
+
+    ``integer_kernels``: op counts of integer kernels in its optimised graph.
+    ``float_compute_left``: float Conv/MatMul/Gemm (and fused variants) left there.
+    ``float_compute_expected``: how many of those qnnlib kept in float on purpose.
+    """
+
+    integer_kernels: dict[str, int]
+    float_compute_left: dict[str, int]
+    float_compute_expected: int
+
+    @property
+    def complete(self) -> bool:
+        """True when onnxruntime left no float compute op beyond those qnnlib kept in float."""
+        return sum(self.float_compute_left.values()) <= self.float_compute_expected
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything :func:`qnnlib.quantize` did and measured."""
+
+    qnnlib_version: str
+    config: dict[str, Any]
+    calibration: CalibrationReport
+    layers: tuple[LayerReport, ...]
+    groups: tuple[GroupReport, ...]
+    outputs: tuple[OutputReport, ...]
+    timings: dict[str, float]
+    fusion: FusionReport | None
+    notes: tuple[str, ...]
+    evaluation_samples: int
+
+    @property
+    def requantizations_avoided(self) -> int:
+        """Requantisations that tying removed, over all groups."""
+        return sum(g.requantizations_avoided for g in self.groups)
+
+    @property
+    def quantized_layers(self) -> tuple[LayerReport, ...]:
+        """The layers running on integer kernels."""
+        return tuple(layer for layer in self.layers if layer.precision != "float")
+
+    def layer(self, node: str) -> LayerReport:
+        """The entry of one node; KeyError naming close matches otherwise."""
+        for layer in self.layers:
+            if layer.node == node:
+                return layer
+        raise KeyError(f"no node {node!r} in the report")
+
+    def worst_layers(self, n: int = 5) -> tuple[LayerReport, ...]:
+        """The ``n`` quantised layers with the lowest output SQNR."""
+        measured = [x for x in self.quantized_layers if x.sqnr_db is not None]
+        return tuple(sorted(measured, key=lambda x: x.sqnr_db)[:n])  # type: ignore[arg-type, return-value]
+
+    # -- renderings --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; infinities become the strings "inf" / "-inf"."""
+        data = asdict(self)
+        data["requantizations_avoided"] = self.requantizations_avoided
+        return _finite(data)  # type: ignore[no-any-return]
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The report as JSON (``kwargs`` go to :func:`json.dumps`)."""
+        kwargs.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_text(self, max_layers: int | None = 60) -> str:
+        """A readable summary: outputs, worst layers, the layer table, groups and timings."""
+        lines = [f"qnnlib {self.qnnlib_version}: {len(self.quantized_layers)} of {len(self.layers)} nodes quantised"]
+        cal = self.calibration
+        source = "GENERATED from the input specification (no data given)" if cal.generated else "given by the user"
+        lines.append(f"calibration: {cal.method}, {cal.samples} samples, {source}")
+        for out in self.outputs:
+            lines.append(f"output {out.name!r}: SQNR {_db(out.sqnr_db)}, cosine {out.cosine:.5f}, "
+                         f"max |error| {out.max_abs_error:.4g} (on {self.evaluation_samples} samples)")
+        if self.fusion is not None:
+            kernels = ", ".join(f"{op} x{n}" for op, n in self.fusion.integer_kernels.items()) or "none"
+            lines.append(f"onnxruntime integer kernels: {kernels}")
+            left = ", ".join(f"{op} x{n}" for op, n in self.fusion.float_compute_left.items())
+            if left:
+                lines.append(f"float compute ops left by onnxruntime: {left}")
+        lines.append(f"tied groups: {len(self.groups)}; requantisations avoided: {self.requantizations_avoided}")
+        worst = self.worst_layers(3)
+        if worst:
+            lines.append("lowest-SQNR layers: " + ", ".join(f"{w.node} ({_db(w.sqnr_db)})" for w in worst))
+        lines.append("")
+        header = f"{'node':<32} {'op':<18} {'prec':<6} {'scale':>10} {'zp':>4} {'group':>5} {'SQNR dB':>8}"
+        lines.append(header)
+        lines.append("-" * len(header))
+        shown = self.layers if max_layers is None else self.layers[:max_layers]
+        for layer in shown:
+            scale = f"{layer.scale:.4g}" if layer.scale is not None else ""
+            zp = str(layer.zero_point) if layer.zero_point is not None else ""
+            group = str(layer.group) if layer.group is not None else ""
+            sqnr = _db(layer.sqnr_db) if layer.sqnr_db is not None else ""
+            lines.append(f"{layer.node[:32]:<32} {layer.op_type[:18]:<18} {layer.precision:<6} {scale:>10} {zp:>4} "
+                         f"{group:>5} {sqnr:>8}" + (f"  {layer.note}" if layer.note else ""))
+        if max_layers is not None and len(self.layers) > max_layers:
+            lines.append(f"... {len(self.layers) - max_layers} more nodes (report.to_text(max_layers=None) shows all)")
+        lines.append("")
+        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        rows = "".join(
+            f"<tr><td>{esc(x.node)}</td><td>{esc(x.op_type)}</td><td>{esc(x.precision)}</td>"
+            f"<td>{'' if x.scale is None else f'{x.scale:.4g}'}</td>"
+            f"<td>{'' if x.zero_point is None else x.zero_point}</td>"
+            f"<td>{'' if x.group is None else x.group}</td>"
+            f"<td>{'' if x.sqnr_db is None else _db(x.sqnr_db)}</td><td>{esc(x.note)}</td></tr>"
+            for x in self.layers
+        )
+        outs = "".join(
+            f"<li><b>{esc(o.name)}</b>: SQNR {_db(o.sqnr_db)}, cosine {o.cosine:.5f}</li>" for o in self.outputs
+        )
+        gen = " <b>(generated data)</b>" if self.calibration.generated else ""
+        return (
+            f"<div><p>qnnlib {esc(self.qnnlib_version)}: {len(self.quantized_layers)} of {len(self.layers)} "
+            f"nodes quantised; calibration {esc(self.calibration.method)} on {self.calibration.samples} "
+            f"samples{gen}; {len(self.groups)} tied groups, {self.requantizations_avoided} requantisations "
+            f"avoided.</p><ul>{outs}</ul><table><thead><tr><th>node</th><th>op</th><th>precision</th>"
+            f"<th>scale</th><th>zero point</th><th>group</th><th>SQNR dB</th><th>note</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></div>"
+        )
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf dB" if value > 0 else "-inf dB"
+    return f"{value:.1f} dB"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,50 @@
+"""Shared fixtures: where ../shared is, and helpers that look into onnxruntime."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+SHARED = Path(os.environ.get("QNNLIB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def shared_model(name: str) -> Path:
+    """Path of a model in ../shared/models; skips the test when ../shared is absent."""
+    path = SHARED / "models" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present (../shared is only beside the repository in development and CI)")
+    return path
+
+
+def session(model: onnx.ModelProto, **kwargs: object) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for key, value in kwargs.items():
+        setattr(options, key, value)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_types(model: onnx.ModelProto) -> collections.Counter[str]:
+    """Op counts of onnxruntime's optimised graph (extended level: the QDQ fusions)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        session(model, optimized_model_filepath=path,
+                graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session(model).run(None, feed)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = np.sum((ref - test.astype(np.float64)) ** 2)
+    return float("inf") if noise == 0 else 10 * np.log10(np.sum(ref**2) / noise)
