@@ -72,10 +72,13 @@ def _load_path(path: Path) -> onnx.ModelProto:
                 f"initializer {tensor.name!r} keeps its data in external file {location!r}, which is "
                 f"missing next to {str(path)!r}; copy that file beside the model"
             )
+    external = list(_external_tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, str(base))
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot read the external data of {str(path)!r}: {exc}") from exc
+    for tensor in external:  # the loader leaves data_location=DEFAULT set explicitly; serialise as inline
+        tensor.ClearField("data_location")
     return proto
 
 
