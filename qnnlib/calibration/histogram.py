@@ -59,10 +59,11 @@ class StreamingHistogram:
             offset = self.start - first
             grown[offset:offset + len(self.counts)] = self.counts
             self.counts, self.start = grown, first
-        # x / w - start >= 0 because start <= floor(lo / w), so truncation is floor.
+        # floor before subtracting the start: x / w - start can round up across a bin edge in float32
         scaled = x * np.float32(1.0 / self.width)
-        scaled -= np.float32(self.start)
+        np.floor(scaled, out=scaled)
         idx = scaled.astype(np.intp)
+        idx -= self.start
         np.clip(idx, 0, len(self.counts) - 1, out=idx)
         self.counts += np.bincount(idx, minlength=len(self.counts))
 
