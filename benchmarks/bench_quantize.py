@@ -39,12 +39,12 @@ def write_calib(task: Task, directory: Path, count: int | None = None) -> Path:
     return directory
 
 
-def run_worker(tool: str, task: Task, calib_dir: Path, out: Path, method: str, samples: int | None = None) -> dict:
+def run_worker(tool: str, task: Task, calib_dir: Path, out: Path, *, method: str, samples: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.quantize_worker", tool, str(task.model_path), str(calib_dir), str(out),
            "--input", task.input_name, "--method", method]
     if samples:
         cmd += ["--samples", str(samples)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,7 +65,8 @@ def outputs_of(sess: ort.InferenceSession, task: Task) -> list[list[np.ndarray]]
 
 def output_sqnr(ref: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> float:
     signal = sum(float(np.sum(np.square(r[0].astype(np.float64)))) for r in ref)
-    noise = sum(float(np.sum(np.square(r[0].astype(np.float64) - t[0].astype(np.float64)))) for r, t in zip(ref, test))
+    noise = sum(float(np.sum(np.square(r[0].astype(np.float64) - t[0].astype(np.float64))))
+                for r, t in zip(ref, test, strict=True))
     return 10 * np.log10(signal / noise) if noise else float("inf")
 
 
@@ -94,7 +95,7 @@ def bench_model(name: str, n_calib: int, work: Path, method: str) -> dict:
     runs = {"qnnlib": ("qnnlib", method), "qnnlib-minmax": ("qnnlib", "minmax"), "ort": ("ort", "minmax")}
     for label, (tool, m) in runs.items():
         out = work / name / f"{label}.onnx"
-        stats = run_worker(tool, task, calib_dir, out, m)
+        stats = run_worker(tool, task, calib_dir, out, method=m)
         row[label] = stats
         if "error" not in stats:
             paths[label] = out
@@ -117,7 +118,7 @@ def bench_memory(name: str, work: Path, method: str) -> dict:
     out: dict = {"model": name}
     for tool, m in (("qnnlib", method), ("ort", "minmax")):
         for n in (32, 256):
-            stats = run_worker(tool, task, calib_dir, work / f"{name}-mem" / f"{tool}-{n}.onnx", m, samples=n)
+            stats = run_worker(tool, task, calib_dir, work / f"{name}-mem" / f"{tool}-{n}.onnx", method=m, samples=n)
             out[f"{tool}-{n}"] = stats
     return out
 
@@ -143,9 +144,11 @@ def fmt(row: dict) -> str:
     lat = row["latency_ms"]
     lines.append("latency 1 thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()))
     if "ort" in lat and "qnnlib" in lat:
-        lines.append(f"  qnnlib/ort latency {lat['qnnlib'] / lat['ort']:.2f}, qnnlib/float {lat['qnnlib'] / lat['float']:.2f}")
+        lines.append(f"  qnnlib/ort latency {lat['qnnlib'] / lat['ort']:.2f}, "
+                     f"qnnlib/float {lat['qnnlib'] / lat['float']:.2f}")
     if "time" in row.get("qnnlib", {}) and "time_quantize_static" in row.get("ort", {}):
-        lines.append(f"  qnnlib time / ort quantize_static time {row['qnnlib']['time'] / row['ort']['time_quantize_static']:.2f}")
+        ratio = row["qnnlib"]["time"] / row["ort"]["time_quantize_static"]
+        lines.append(f"  qnnlib time / ort quantize_static time {ratio:.2f}")
     return "\n".join(lines)
 
 

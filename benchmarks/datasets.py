@@ -27,9 +27,12 @@ SHARED = Path(os.environ.get("QNNLIB_SHARED", HERE.parent.parent / "shared"))
 CACHE = Path(os.environ.get("QNNLIB_BENCH_CACHE", Path.home() / ".cache" / "qnnlib-bench"))
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
-WORDS = ("the quick brown fox jumps over lazy dog model quantize integer kernel layer scale zero point "
-         "calibration accuracy runtime onnx tensor graph report error threshold value sample image text "
-         "line page document invoice total amount date number 2026 1999 42 3.14 7% $19.99 A-12 B7 No. 5").split()
+WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "model", "quantize", "integer", "kernel",
+    "layer", "scale", "zero", "point", "calibration", "accuracy", "runtime", "onnx", "tensor", "graph",
+    "report", "error", "threshold", "value", "sample", "image", "text", "line", "page", "document", "invoice",
+    "total", "amount", "date", "number", "2026", "1999", "42", "3.14", "7%", "$19.99", "A-12", "B7", "No.", "5",
+]
 
 
 # -- PyPI models --------------------------------------------------------------------------------

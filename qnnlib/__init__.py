@@ -1,8 +1,8 @@
 """qnnlib: post-training quantisation of ONNX models for onnxruntime.
 
-    result = qnnlib.quantize("model.onnx", calib)
-    result.save("model.int8.onnx")
-    print(result.report)
+result = qnnlib.quantize("model.onnx", calib)
+result.save("model.int8.onnx")
+print(result.report)
 """
 
 from qnnlib.api import quantize
@@ -17,7 +17,7 @@ from qnnlib.errors import (
     ModelError,
     ModelLoadError,
     QnnlibError,
-    RuntimeFailure,
+    SessionError,
     UnsupportedModelError,
 )
 from qnnlib.plan import QuantPlan
@@ -42,7 +42,7 @@ __all__ = [
     "QuantPlan",
     "QuantResult",
     "Report",
-    "RuntimeFailure",
+    "SessionError",
     "TensorOverride",
     "UnsupportedModelError",
     "__version__",

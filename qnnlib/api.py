@@ -92,8 +92,9 @@ def quantize(model: ModelLike, calib: Any = None, *, config: QuantConfig | None 
             session, summary = checked_session(emitted.model, [emitted.quantized_names[t] for t in measured],
                                                verify=config.verify_fusion)
         with timer("evaluate"):
-            fidelity = measure(session, emitted.quantized_names, plan, feeds.take(len(stats.references)),
-                               stats.references, measured, index.graph_outputs) if stats.references else None
+            fidelity = measure(session, emitted.quantized_names, plan, feeds=feeds.take(len(stats.references)),
+                               references=stats.references, tensors=measured,
+                               outputs=index.graph_outputs) if stats.references else None
         calibration = CalibrationReport(config.calibration.name, stats.samples, feeds.generated,
                                         dict(stats.nonfinite))
     fusion = _fusion_report(summary, index, selection) if summary is not None else None
@@ -105,8 +106,8 @@ def quantize(model: ModelLike, calib: Any = None, *, config: QuantConfig | None 
                      "representative ranges")
     if fusion is not None and not fusion.complete:
         notes.append(f"onnxruntime left float compute ops: {fusion.float_compute_left}")
-    report = _build_report(config, index, selection, plan, fidelity, calibration, fusion,
-                           timer.times, notes)
+    report = _build_report(config, index, selection, plan, fidelity=fidelity, calibration=calibration,
+                           fusion=fusion, timings=timer.times, notes=notes)
     return QuantResult(emitted.model, report, plan)
 
 
@@ -154,7 +155,7 @@ def _dropped(plan: QuantPlan, nodes: dict[str, onnx.NodeProto], activation_outpu
     return any(nodes[name].output[0] == activation_output for name in plan.dropped_activations)
 
 
-def _build_report(config: QuantConfig, index: GraphIndex, selection: Selection, plan: QuantPlan,
+def _build_report(config: QuantConfig, index: GraphIndex, selection: Selection, plan: QuantPlan, *,
                   fidelity: Fidelity | None, calibration: CalibrationReport,
                   fusion: FusionReport | None, timings: dict[str, float], notes: list[str]) -> Report:
     nodes = {n.name: n for n in index.nodes}

@@ -6,7 +6,6 @@ import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 from qnnlib.calibration.methods import METHODS, CalibrationMethod, method_from_name
 from qnnlib.errors import ConfigError
@@ -65,7 +64,7 @@ class QuantConfig:
     activation_symmetric: bool = False
     weight_type: str = "int8"
     per_channel: bool = True
-    method: Union[str, CalibrationMethod] = DEFAULT_METHOD
+    method: str | CalibrationMethod = DEFAULT_METHOD
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     overrides: Mapping[str, TensorOverride] = field(default_factory=dict)
@@ -76,10 +75,19 @@ class QuantConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
+        object.__setattr__(self, "method", _method(self.method))
+        for name in ("exclude", "exclude_op_types"):
+            object.__setattr__(self, name, _names(name, getattr(self, name)))
+        object.__setattr__(self, "overrides", _overrides(self.overrides))
+        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
+            raise ConfigError(f"max_calibration_samples must be >= 1 or None, got {self.max_calibration_samples}")
+        if self.report_samples < 0:
+            raise ConfigError(f"report_samples must be >= 0, got {self.report_samples}")
+
+    def _check_types(self) -> None:
         if self.activation_type not in ACTIVATION_TYPES:
-            raise ConfigError(
-                f"activation_type must be one of {ACTIVATION_TYPES}, got {self.activation_type!r}"
-            )
+            raise ConfigError(f"activation_type must be one of {ACTIVATION_TYPES}, got {self.activation_type!r}")
         if self.activation_symmetric and not qtype(self.activation_type).signed:
             raise ConfigError(
                 f"activation_symmetric=True needs a signed type, got {self.activation_type!r}; "
@@ -87,35 +95,6 @@ class QuantConfig:
             )
         if self.weight_type not in WEIGHT_TYPES:
             raise ConfigError(f"weight_type must be one of {WEIGHT_TYPES}, got {self.weight_type!r}")
-        method = self.method
-        if isinstance(method, str):
-            try:
-                method = method_from_name(method)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            object.__setattr__(self, "method", method)
-        elif not isinstance(method, tuple(METHODS.values())):
-            raise ConfigError(
-                f"method must be a name in {sorted(METHODS)} or a method object, got {type(method).__name__}"
-            )
-        for name in ("exclude", "exclude_op_types"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{name} must be a tuple of strings, got {value!r}")
-            else:
-                object.__setattr__(self, name, tuple(value))
-        if not isinstance(self.overrides, Mapping):
-            raise ConfigError(f"overrides must map tensor names to TensorOverride, got {type(self.overrides).__name__}")
-        for key, value in self.overrides.items():
-            if not isinstance(value, TensorOverride):
-                raise ConfigError(f"overrides[{key!r}] must be a TensorOverride, got {type(value).__name__}")
-        object.__setattr__(self, "overrides", types.MappingProxyType(dict(self.overrides)))
-        if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
-            raise ConfigError(f"max_calibration_samples must be >= 1 or None, got {self.max_calibration_samples}")
-        if self.report_samples < 0:
-            raise ConfigError(f"report_samples must be >= 0, got {self.report_samples}")
 
     @property
     def calibration(self) -> CalibrationMethod:
@@ -130,9 +109,40 @@ class QuantConfig:
             "activation_symmetric": self.activation_symmetric,
             "weight_type": self.weight_type,
             "per_channel": self.per_channel,
-            "method": {"name": method.name, **{k: v for k, v in vars(method).items()}},
+            "method": {"name": method.name, **vars(method)},
             "exclude": list(self.exclude),
             "exclude_op_types": list(self.exclude_op_types),
             "overrides": {k: {f: getattr(v, f) for f in ("range", "scale", "zero_point")}
                           for k, v in self.overrides.items()},
         }
+
+
+def _method(method: object) -> CalibrationMethod:
+    """A calibration method object from a name or an object; ConfigError otherwise."""
+    if isinstance(method, str):
+        try:
+            return method_from_name(method)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if not isinstance(method, tuple(METHODS.values())):
+        raise ConfigError(f"method must be a name in {sorted(METHODS)} or a method object, got {type(method).__name__}")
+    return method  # type: ignore[return-value]
+
+
+def _names(field_name: str, value: object) -> tuple[str, ...]:
+    """A tuple of strings (a lone string becomes a 1-tuple); ConfigError otherwise."""
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{field_name} must be a tuple of strings, got {value!r}")
+    return tuple(value)
+
+
+def _overrides(value: object) -> Mapping[str, TensorOverride]:
+    """A read-only copy of the overrides mapping; ConfigError on a wrong type."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"overrides must map tensor names to TensorOverride, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, TensorOverride):
+            raise ConfigError(f"overrides[{key!r}] must be a TensorOverride, got {type(item).__name__}")
+    return types.MappingProxyType(dict(value))

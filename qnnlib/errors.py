@@ -7,6 +7,12 @@ tensor at fault and says how to fix it.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for quoting in ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class QnnlibError(Exception):
     """Base class of every error qnnlib raises on purpose."""
 
@@ -43,5 +49,5 @@ class EmptyCalibrationError(CalibrationError):
     """The calibration source yielded no sample."""
 
 
-class RuntimeFailure(QnnlibError):
-    """onnxruntime failed on a model qnnlib built or was given; the message carries its words."""
+class SessionError(QnnlibError):
+    """onnxruntime could not load or run a model qnnlib built or was given; the message carries its words."""

@@ -33,7 +33,7 @@ class Fidelity:
     samples: int
 
 
-def measure(session: "ort.InferenceSession", quantized_names: dict[str, str], plan: QuantPlan,
+def measure(session: ort.InferenceSession, quantized_names: dict[str, str], plan: QuantPlan, *,
             feeds: Iterable[Feed], references: Sequence[Reference], tensors: Sequence[str],
             outputs: Sequence[str]) -> Fidelity:
     """Run the quantised ``session`` on ``feeds`` and compare with the float ``references``.
@@ -44,12 +44,12 @@ def measure(session: "ort.InferenceSession", quantized_names: dict[str, str], pl
     outputs = [o for o in outputs if references and o in references[0].outputs]
     q_names = [quantized_names[t] for t in tensors]
     result = Fidelity({t: ErrorAccumulator() for t in tensors}, {o: ErrorAccumulator() for o in outputs}, 0)
-    for feed, ref in zip(feeds, references):
+    for feed, ref in zip(feeds, references, strict=False):  # feeds replays at least as many samples
         got = session.run(outputs + q_names, feed)
-        for name, value in zip(outputs, got):
+        for name, value in zip(outputs, got[:len(outputs)], strict=True):
             flat = np.asarray(value).reshape(-1)
             result.outputs[name].update(ref.outputs[name], flat[reference_positions(flat.size, OUTPUT_VALUES)])
-        for name, value in zip(tensors, got[len(outputs):]):
+        for name, value in zip(tensors, got[len(outputs):], strict=True):
             flat = np.asarray(value).reshape(-1)
             params = plan.params(name)
             picked = flat[reference_positions(flat.size, CAPTURE_VALUES)]

@@ -42,7 +42,7 @@ def summarize(optimized: onnx.ModelProto) -> FusionSummary:
 
 
 def checked_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *,
-                    verify: bool = True) -> tuple["ort.InferenceSession", FusionSummary | None]:
+                    verify: bool = True) -> tuple[ort.InferenceSession, FusionSummary | None]:
     """A session on ``model`` (plus ``extra_outputs``) and, when ``verify``, what onnxruntime fused in it."""
     probe = with_outputs(model, extra_outputs) if extra_outputs else model
     if not verify:

@@ -112,12 +112,12 @@ class QuantPlan:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "QuantPlan":
+    def from_json(cls, text: str) -> QuantPlan:
         """Rebuild a plan written by :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "QuantPlan":
+    def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
         """Rebuild a plan from :meth:`to_dict` output."""
         groups = tuple(
             GroupPlan(g["id"], tuple(g["members"]), tuple(g["tied_by"]),
@@ -126,8 +126,8 @@ class QuantPlan:
         )
         weights = tuple(WeightPlan(**{**w, "scales": tuple(w["scales"])}) for w in data["weights"])
         layers = tuple(
-            LayerPlan(l["node"], l["op_type"], l["precision"], tuple(l["inputs"]), tuple(l["outputs"]))
-            for l in data["layers"]
+            LayerPlan(x["node"], x["op_type"], x["precision"], tuple(x["inputs"]), tuple(x["outputs"]))
+            for x in data["layers"]
         )
         return cls(data["activation_type"], data["weight_type"], groups, weights, layers,
                    tuple(data.get("dropped_activations", ())))

@@ -122,7 +122,7 @@ class Report:
         """A JSON-ready dict; infinities become the strings "inf" / "-inf"."""
         data = asdict(self)
         data["requantizations_avoided"] = self.requantizations_avoided
-        return _finite(data)  # type: ignore[no-any-return]
+        return _finite(data)
 
     def to_json(self, **kwargs: Any) -> str:
         """The report as JSON (``kwargs`` go to :func:`json.dumps`)."""

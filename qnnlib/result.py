@@ -28,7 +28,7 @@ class QuantResult:
         """Write the model to ``path``; weights go to ``<name>.data`` beside it when over ~1.8 GB or asked."""
         save_model(self.model, path, external_data=external_data)
 
-    def session(self, **session_kwargs: Any) -> "ort.InferenceSession":
+    def session(self, **session_kwargs: Any) -> ort.InferenceSession:
         """An onnxruntime CPU InferenceSession on the quantised model.
 
         ``threads=`` and ``optimization=`` ("disable", "basic", "extended", "all") are accepted.

@@ -67,7 +67,7 @@ def test_missing_external_data_file(tmp_path: Path, model: onnx.ModelProto) -> N
     copy.CopyFrom(model)  # onnx.save with external data rewrites the proto it is given
     onnx.save(copy, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
     (tmp_path / "weights.bin").unlink()
-    with pytest.raises(qnnlib.ModelLoadError, match="weights.bin"):
+    with pytest.raises(qnnlib.ModelLoadError, match=r"weights\.bin"):
         qnnlib.quantize(path)
 
 
@@ -114,7 +114,8 @@ def test_bad_feed_names_the_sample(model: onnx.ModelProto) -> None:
         qnnlib.quantize(model, iter(feeds))
 
 
-@pytest.mark.parametrize("empty", [[], iter([]), np.zeros((0, 1, 3, 16, 16), np.float32)], ids=["list", "iterator", "array"])
+@pytest.mark.parametrize("empty", [[], iter([]), np.zeros((0, 1, 3, 16, 16), np.float32)],
+                         ids=["list", "iterator", "array"])
 def test_empty_calibration(model: onnx.ModelProto, empty: object) -> None:
     with pytest.raises(qnnlib.EmptyCalibrationError, match="no sample"):
         qnnlib.quantize(model, empty)
@@ -172,7 +173,7 @@ def test_invalid_override(kwargs: dict[str, object], match: str) -> None:
 
 
 def test_config_must_be_a_quantconfig(model: onnx.ModelProto) -> None:
-    with pytest.raises(qnnlib.ConfigError, match="must be a qnnlib.QuantConfig"):
+    with pytest.raises(qnnlib.ConfigError, match=r"must be a qnnlib\.QuantConfig"):
         qnnlib.quantize(model, [good_feed()], config={"method": "minmax"})  # type: ignore[arg-type]
 
 
@@ -216,5 +217,5 @@ def test_weights_with_nan_name_the_node() -> None:
 
 def test_every_error_is_a_qnnlib_error() -> None:
     for cls in (qnnlib.ConfigError, qnnlib.ModelLoadError, qnnlib.InvalidModelError, qnnlib.UnsupportedModelError,
-                qnnlib.CalibrationDataError, qnnlib.EmptyCalibrationError, qnnlib.RuntimeFailure):
+                qnnlib.CalibrationDataError, qnnlib.EmptyCalibrationError, qnnlib.SessionError):
         assert issubclass(cls, qnnlib.QnnlibError)

@@ -123,8 +123,8 @@ def _old_opset_model(opset: int) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8]),
               helper.make_tensor_value_info("w1", TensorProto.FLOAT, [4, 2, 3, 3]),
               helper.make_tensor_value_info("w2", TensorProto.FLOAT, [4, 4, 1, 1])]
-    graph = helper.make_graph(nodes, "old", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
-                              [w1, w2])
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])
+    graph = helper.make_graph(nodes, "old", inputs, [output], [w1, w2])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=3)
 
 
@@ -135,7 +135,8 @@ def test_old_opset_gives_valid_per_channel_model(opset: int) -> None:
     result = qnnlib.quantize(old, feeds)
     onnx.checker.check_model(result.model)
     assert any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in result.model.opset_import)
-    dq_axes = [a.i for n in result.model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    dq_axes = [a.i for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+               for a in n.attribute if a.name == "axis"]
     assert dq_axes, "weights should be per channel"
     assert optimized_op_types(result.model)["QLinearConv"] == 2
     assert sqnr_db(run(old, feeds[0])[0], result.session().run(None, feeds[0])[0]) > 25

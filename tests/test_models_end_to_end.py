@@ -66,7 +66,7 @@ def test_report_matches_measurement(case) -> None:  # type: ignore[no-untyped-de
 
 
 def test_second_run_is_byte_identical(case) -> None:  # type: ignore[no-untyped-def]
-    name, model, result, _ = case
+    _, model, result, _ = case
     again = qnnlib.quantize(model, builders.calibration(model, 16))
     assert again.model.SerializeToString() == result.model.SerializeToString()
     assert again.plan.to_json() == result.plan.to_json()

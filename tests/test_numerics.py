@@ -185,9 +185,11 @@ def test_mse_choice_has_least_error_among_candidates() -> None:
     x = rng.laplace(size=50_000).astype(np.float32)
     hist = StreamingHistogram(2048)
     hist.update(x)
-    lo, hi = mse_range(hist.counts, hist.centers(), float(x.min()), float(x.max()), 256, False)
-    chosen = quantization_error(hist.counts, hist.centers(), np.array([lo]), np.array([hi]), 256, False)[0]
-    full = quantization_error(hist.counts, hist.centers(), np.array([x.min()]), np.array([x.max()]), 256, False)[0]
+    lo, hi = mse_range(hist.counts, hist.centers(), float(x.min()), float(x.max()), levels=256, symmetric=False)
+    chosen = quantization_error(hist.counts, hist.centers(), np.array([lo]), np.array([hi]), levels=256,
+                                symmetric=False)[0]
+    full = quantization_error(hist.counts, hist.centers(), np.array([x.min()]), np.array([x.max()]), levels=256,
+                              symmetric=False)[0]
     assert chosen < full
 
 

@@ -12,7 +12,7 @@ from tests.conftest import optimized_op_types, run, shared_model, sqnr_db
 pytestmark = pytest.mark.shared
 
 
-def _feeds(shape: tuple[int, ...], n: int, dtype: type = np.float32, scale: float = 1.0, offset: float = 0.0,
+def _feeds(shape: tuple[int, ...], n: int, *, dtype: type = np.float32, scale: float = 1.0, offset: float = 0.0,
            seed: int = 0) -> list[np.ndarray]:
     """Smooth random images (8x8 blocks of colour plus fine noise): closer to photos than white noise."""
     rng = np.random.default_rng(seed)

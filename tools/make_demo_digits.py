@@ -31,7 +31,7 @@ def render(digit: int, rng: np.random.Generator) -> np.ndarray:
     arr = np.asarray(img, np.float32)
     ys, xs = np.nonzero(arr)
     cy, cx = np.average(ys, weights=arr[ys, xs]), np.average(xs, weights=arr[ys, xs])
-    top, left = int(round(14 - cy)), int(round(14 - cx))
+    top, left = round(14 - cy), round(14 - cx)
     top, left = min(max(top, 0), 28 - arr.shape[0]), min(max(left, 0), 28 - arr.shape[1])
     canvas[top:top + arr.shape[0], left:left + arr.shape[1]] = arr
     out = Image.fromarray(canvas.astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.4))

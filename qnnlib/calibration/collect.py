@@ -76,7 +76,7 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
 
     for feed in feeds:
         names = wanted if samples < capture_samples else observe_only
-        values = dict(zip(names, session.run(names, feed))) if names else {}
+        values = dict(zip(names, session.run(names, feed), strict=True)) if names else {}
         for name in observe_only:
             _observe(observers[name], name, np.asarray(values[name]), nonfinite)
         if samples < capture_samples:

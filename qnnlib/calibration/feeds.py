@@ -110,7 +110,7 @@ def validate_feed(feed: Any, specs: Sequence[InputSpec], sample: int) -> Feed:
             )
         if spec.shape is not None:
             ok = len(value.shape) == len(spec.shape) and all(
-                not isinstance(d, int) or d == 0 or d == v for d, v in zip(spec.shape, value.shape)
+                not isinstance(d, int) or d in (0, v) for d, v in zip(spec.shape, value.shape, strict=True)
             )
             if not ok:
                 raise CalibrationDataError(
@@ -221,7 +221,8 @@ class FeedSource:
                 return None
             feed = validate_feed(raw, self.specs, read)
             if self.replay is None or read < self.replay:
-                np.savez(spool / f"{read:08d}.npz", **feed)
+                arrays: dict[str, Any] = dict(feed)
+                np.savez(spool / f"{read:08d}.npz", **arrays)
                 self._spooled += 1
             read += 1
             return feed
@@ -265,7 +266,7 @@ class FeedSource:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
 
-    def __enter__(self) -> "FeedSource":
+    def __enter__(self) -> FeedSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

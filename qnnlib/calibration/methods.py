@@ -13,12 +13,11 @@ functions of ``(counts, centers, min, max, levels)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
 
 from qnnlib.calibration.histogram import StreamingHistogram
-
 
 #: Histograms see at most this many values per batch (an evenly strided subset of larger batches).
 HISTOGRAM_VALUES_PER_BATCH = 1 << 14
@@ -63,7 +62,7 @@ class MinMaxObserver:
 class HistogramObserver(MinMaxObserver):
     """Min, max and a streaming histogram; the range comes from the method's ``choose``."""
 
-    def __init__(self, method: "HistogramMethod", levels: int, symmetric: bool) -> None:
+    def __init__(self, method: HistogramMethod, levels: int, symmetric: bool) -> None:
         super().__init__()
         self.method = method
         self.levels = levels
@@ -89,7 +88,8 @@ class HistogramObserver(MinMaxObserver):
         if self.min_ == self.max_:
             return self.min_, self.max_
         hist = self.histogram
-        lo, hi = self.method.choose(hist.counts, hist.centers(), self.min_, self.max_, self.levels, self.symmetric)
+        lo, hi = self.method.choose(hist.counts, hist.centers(), self.min_, self.max_, levels=self.levels,
+                                    symmetric=self.symmetric)
         return max(lo, self.min_), min(hi, self.max_)
 
 
@@ -129,7 +129,7 @@ class Percentile(_Histogram):
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must lie in (50, 100], got {self.percentile}")
 
-    def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, levels: int,
+    def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int,
                symmetric: bool) -> tuple[float, float]:
         """Bin edges where the cumulative count crosses ``1 - p/100`` and ``p/100``."""
         return percentile_range(counts, centers, self.percentile)
@@ -142,10 +142,10 @@ class Entropy(_Histogram):
     candidates: int = 64
     name = "entropy"
 
-    def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, levels: int,
+    def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int,
                symmetric: bool) -> tuple[float, float]:
         """Scale the observed range by the factor whose quantised histogram has the least KL divergence."""
-        return entropy_range(counts, centers, mn, mx, levels, symmetric, self.candidates)
+        return entropy_range(counts, centers, mn, mx, levels=levels, symmetric=symmetric, candidates=self.candidates)
 
 
 @dataclass(frozen=True)
@@ -155,14 +155,14 @@ class MSE(_Histogram):
     candidates: int = 48
     name = "mse"
 
-    def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, levels: int,
+    def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int,
                symmetric: bool) -> tuple[float, float]:
         """Search scaled ranges, then refine each end alone."""
-        return mse_range(counts, centers, mn, mx, levels, symmetric, self.candidates)
+        return mse_range(counts, centers, mn, mx, levels=levels, symmetric=symmetric, candidates=self.candidates)
 
 
-HistogramMethod = Union[Percentile, Entropy, MSE]
-CalibrationMethod = Union[MinMax, Percentile, Entropy, MSE]
+HistogramMethod = Percentile | Entropy | MSE
+CalibrationMethod = MinMax | Percentile | Entropy | MSE
 
 METHODS: dict[str, type] = {"minmax": MinMax, "percentile": Percentile, "entropy": Entropy, "mse": MSE}
 
@@ -170,7 +170,7 @@ METHODS: dict[str, type] = {"minmax": MinMax, "percentile": Percentile, "entropy
 def method_from_name(name: str) -> CalibrationMethod:
     """The method with default settings for a name in :data:`METHODS`."""
     try:
-        return METHODS[name]()  # type: ignore[no-any-return]
+        return METHODS[name]()
     except KeyError:
         raise ValueError(f"unknown calibration method {name!r}; choose one of {sorted(METHODS)}") from None
 
@@ -198,7 +198,7 @@ def _candidate_ranges(mn: float, mx: float, alphas: np.ndarray, symmetric: bool)
     return alphas * lo, alphas * hi
 
 
-def quantization_error(counts: np.ndarray, centers: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+def quantization_error(counts: np.ndarray, centers: np.ndarray, lo: np.ndarray, hi: np.ndarray, *,
                        levels: int, symmetric: bool) -> np.ndarray:
     """Expected squared error ``sum_i n_i (c_i - dq(q(c_i)))^2`` for each candidate range ``[lo_k, hi_k]``.
 
@@ -221,23 +221,23 @@ def quantization_error(counts: np.ndarray, centers: np.ndarray, lo: np.ndarray, 
     return ((c - deq) ** 2 * counts[None, :]).sum(axis=1)
 
 
-def mse_range(counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, levels: int, symmetric: bool,
+def mse_range(counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int, symmetric: bool,
               candidates: int = 100) -> tuple[float, float]:
     """The range of least :func:`quantization_error`: a scaled-range grid, then each end refined alone."""
     counts = counts.astype(np.float64)
     alphas = np.linspace(1.0 / candidates, 1.0, candidates)
     los, his = _candidate_ranges(mn, mx, alphas, symmetric)
-    err = quantization_error(counts, centers, los, his, levels, symmetric)
+    err = quantization_error(counts, centers, los, his, levels=levels, symmetric=symmetric)
     best = int(np.argmin(err))
     lo, hi = float(los[best]), float(his[best])
     if symmetric:
         return lo, hi
     factors = np.linspace(0.5, 1.5, 41)
     his_r = np.minimum(hi * factors, max(mx, 0.0))
-    err_hi = quantization_error(counts, centers, np.full_like(his_r, lo), his_r, levels, symmetric)
+    err_hi = quantization_error(counts, centers, np.full_like(his_r, lo), his_r, levels=levels, symmetric=symmetric)
     hi = float(his_r[int(np.argmin(err_hi))])
     los_r = np.maximum(lo * factors, min(mn, 0.0))
-    err_lo = quantization_error(counts, centers, los_r, np.full_like(los_r, hi), levels, symmetric)
+    err_lo = quantization_error(counts, centers, los_r, np.full_like(los_r, hi), levels=levels, symmetric=symmetric)
     lo = float(los_r[int(np.argmin(err_lo))])
     return lo, hi
 
@@ -278,12 +278,13 @@ def kl_divergence(counts: np.ndarray, centers: np.ndarray, lo: float, hi: float,
     return float(np.sum(pn * np.log(pn / qn)))
 
 
-def entropy_range(counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, levels: int, symmetric: bool,
+def entropy_range(counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int, symmetric: bool,
                   candidates: int = 64) -> tuple[float, float]:
     """The scaled range ``alpha * [min, max]`` of least :func:`kl_divergence`; the full range if none fits."""
     alphas = np.linspace(1.0 / candidates, 1.0, candidates)
     los, his = _candidate_ranges(mn, mx, alphas, symmetric)
-    divergences = [kl_divergence(counts, centers, float(lo), float(hi), levels) for lo, hi in zip(los, his)]
+    divergences = [kl_divergence(counts, centers, float(lo), float(hi), levels)
+                   for lo, hi in zip(los, his, strict=True)]
     best = int(np.argmin(divergences))
     if not np.isfinite(divergences[best]):
         return float(los[-1]), float(his[-1])

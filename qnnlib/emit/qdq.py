@@ -57,8 +57,10 @@ class _Writer:
     def node(self, op: str, inputs: list[str], output_base: str, *, axis: int | None = None,
              output: str | None = None) -> onnx.NodeProto:
         out = output if output is not None else self.names.fresh(output_base)
-        kwargs = {"axis": axis} if axis is not None else {}
-        return helper.make_node(op, inputs, [out], name=self.names.fresh(f"{out}_{op}"), **kwargs)
+        node = helper.make_node(op, inputs, [out], name=self.names.fresh(f"{out}_{op}"))
+        if axis is not None:
+            node.attribute.append(helper.make_attribute("axis", axis))
+        return node
 
 
 def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
@@ -92,7 +94,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
 
 
 def _order_key(index: GraphIndex):  # type: ignore[no-untyped-def]
-    rank: dict[str, int] = {name: -1 for name in index.graph_inputs}
+    rank: dict[str, int] = dict.fromkeys(index.graph_inputs, -1)
     for node in index.nodes:
         for name in node.output:
             rank.setdefault(name, index.position(node))

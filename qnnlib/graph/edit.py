@@ -23,3 +23,19 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     if len(keep) != len(model.graph.initializer):
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
+
+
+def rename_reads(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Make every node of the main graph that reads ``old`` read ``new`` instead."""
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def rename_writes(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Make the node of the main graph that writes ``old`` write ``new`` instead."""
+    for node in model.graph.node:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -138,8 +139,8 @@ class GraphIndex:
         return self._types.get(tensor) == onnx.TensorProto.FLOAT
 
 
-def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    """The value of a node attribute, or ``default`` when absent."""
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of a node attribute (as onnx.helper.get_attribute_value gives it), or ``default``."""
     for attr in node.attribute:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)

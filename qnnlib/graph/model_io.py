@@ -12,19 +12,19 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from qnnlib.errors import InvalidModelError, ModelLoadError, RuntimeFailure, UnsupportedModelError
+from qnnlib.errors import InvalidModelError, ModelLoadError, SessionError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
-ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
+ModelLike = str | os.PathLike | bytes | onnx.ModelProto
 
 #: Serialised protobufs cannot exceed 2 GiB; above this size weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -152,8 +152,8 @@ def temporary_directory(prefix: str = "qnnlib-") -> Iterator[Path]:
 
 
 def make_session(proto: onnx.ModelProto, *, threads: int | None = None, optimization: str = "all",
-                 optimized_model_path: str | None = None, log_errors_as: str = "model") -> "ort.InferenceSession":
-    """An onnxruntime CPU session on ``proto``; onnxruntime errors become RuntimeFailure."""
+                 optimized_model_path: str | None = None, log_errors_as: str = "model") -> ort.InferenceSession:
+    """An onnxruntime CPU session on ``proto``; onnxruntime errors become SessionError."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -178,4 +178,4 @@ def make_session(proto: onnx.ModelProto, *, threads: int | None = None, optimiza
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise RuntimeFailure(f"onnxruntime could not load the {log_errors_as}: {exc}") from exc
+        raise SessionError(f"onnxruntime could not load the {log_errors_as}: {exc}") from exc

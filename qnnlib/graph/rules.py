@@ -97,30 +97,65 @@ def rule_for(node: onnx.NodeProto, index: GraphIndex) -> tuple[OpRule | None, st
     rule = RULES.get(node.op_type)
     if rule is None:
         return None, f"{node.op_type} has no integer kernel in onnxruntime"
-    op = node.op_type
-    if rule.kind is Kind.WEIGHTED:
-        weight = node.input[1] if len(node.input) > 1 else ""
-        if op == "Conv" and not index.is_constant(weight):
-            return None, "Conv weight is not a constant"
-        if op == "Gemm":
-            if not index.is_constant(weight):
-                rule = OpRule(Kind.WEIGHTED, data_inputs=(0, 1), bias_input=2)
-            bias = node.input[2] if len(node.input) > 2 else ""
-            if bias and not _gemm_bias_ok(node, index):
-                return None, "Gemm bias C is not a constant vector of N values"
-        if op == "MatMul" and not (index.is_constant(weight) and _matmul_weight_ok(index, weight)):
-            rule = OpRule(Kind.WEIGHTED, data_inputs=(0, 1))
-        if op == "Conv" and len(node.input) > 2 and node.input[2] and not index.is_constant(node.input[2]):
-            return None, "Conv bias is not a constant"
-    if op == "Resize" and attribute(node, "mode", b"nearest") not in (b"nearest", b"linear", "nearest", "linear"):
-        return None, "cubic Resize can overshoot its input range"
-    if op == "Pad" and not _pad_with_zero(node, index):
-        return None, "Pad with a non-zero or non-constant value"
-    if op in ("MaxPool",) and len(node.output) > 1 and node.output[1]:
-        return None, "MaxPool with an Indices output"
-    if op == "Clip" and not _clip_bounds_constant(node, index):
-        return None, "Clip bounds are not constants"
-    return rule, ""
+    check = _CHECKS.get(node.op_type)
+    reason = check(node, index) if check is not None else ""
+    if reason:
+        return None, reason
+    return _VARIANTS.get(node.op_type, lambda n, i, r: r)(node, index, rule), ""
+
+
+def _input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _check_conv(node: onnx.NodeProto, index: GraphIndex) -> str:
+    if not index.is_constant(_input(node, 1)):
+        return "Conv weight is not a constant"
+    bias = _input(node, 2)
+    return "Conv bias is not a constant" if bias and not index.is_constant(bias) else ""
+
+
+def _check_gemm(node: onnx.NodeProto, index: GraphIndex) -> str:
+    bias = _input(node, 2)
+    if not bias:
+        return ""
+    shape = index.shape(bias) or ()
+    vector = len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
+    return "" if index.is_constant(bias) and vector else "Gemm bias C is not a constant vector of N values"
+
+
+def _check_resize(node: onnx.NodeProto, index: GraphIndex) -> str:
+    mode = attribute(node, "mode", b"nearest")
+    return "" if mode in (b"nearest", b"linear", "nearest", "linear") else "cubic Resize can overshoot its input range"
+
+
+def _check_pad(node: onnx.NodeProto, index: GraphIndex) -> str:
+    return "" if _pad_with_zero(node, index) else "Pad with a non-zero or non-constant value"
+
+
+def _check_maxpool(node: onnx.NodeProto, index: GraphIndex) -> str:
+    with_indices = len(node.output) > 1 and bool(node.output[1])
+    return "MaxPool with an Indices output" if with_indices else ""
+
+
+def _check_clip(node: onnx.NodeProto, index: GraphIndex) -> str:
+    constant = all(index.is_constant(n) for n in node.input[1:] if n)
+    return "" if constant else "Clip bounds are not constants"
+
+
+def _activation_weights(node: onnx.NodeProto, index: GraphIndex, rule: OpRule) -> OpRule:
+    """MatMul or Gemm whose B is not a constant 2-D weight: both operands are activations."""
+    weight = _input(node, 1)
+    if index.is_constant(weight) and len(index.shape(weight) or ()) >= 2:
+        return rule
+    return OpRule(Kind.WEIGHTED, data_inputs=(0, 1), bias_input=rule.bias_input)
+
+
+#: Per-op conditions under which the table's rule applies ("" when it does, else why not).
+_CHECKS = {"Conv": _check_conv, "Gemm": _check_gemm, "Resize": _check_resize, "Pad": _check_pad,
+           "MaxPool": _check_maxpool, "Clip": _check_clip}
+#: Per-op adjustments of the table's rule to the node at hand.
+_VARIANTS = {"MatMul": _activation_weights, "Gemm": _activation_weights}
 
 
 def data_inputs(node: onnx.NodeProto, rule: OpRule) -> list[tuple[int, str]]:
@@ -148,18 +183,14 @@ def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float, float]:
     """The (min, max) of a Clip node, from attributes (opset < 11) or constant inputs."""
     lo, hi = float("-inf"), float("inf")
     if attribute(node, "min") is not None:
-        lo = float(attribute(node, "min"))  # type: ignore[arg-type]
+        lo = float(attribute(node, "min"))
     if attribute(node, "max") is not None:
-        hi = float(attribute(node, "max"))  # type: ignore[arg-type]
+        hi = float(attribute(node, "max"))
     if len(node.input) > 1 and node.input[1]:
         lo = float(index.constant(node.input[1]))
     if len(node.input) > 2 and node.input[2]:
         hi = float(index.constant(node.input[2]))
     return lo, hi
-
-
-def _clip_bounds_constant(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    return all(index.is_constant(n) for n in node.input[1:] if n)
 
 
 def _pad_with_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
@@ -171,16 +202,3 @@ def _pad_with_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
     if len(node.input) > 2 and node.input[2]:
         return index.is_constant(node.input[2]) and float(index.constant(node.input[2]).reshape(-1)[0]) == 0.0
     return True
-
-
-def _matmul_weight_ok(index: GraphIndex, weight: str) -> bool:
-    shape = index.shape(weight)
-    return shape is not None and len(shape) >= 2
-
-
-def _gemm_bias_ok(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    bias = node.input[2]
-    if not index.is_constant(bias):
-        return False
-    shape = index.shape(bias) or ()
-    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)

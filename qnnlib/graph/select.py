@@ -109,100 +109,107 @@ def match_excluded(index: GraphIndex, names: Iterable[str], op_types: Iterable[s
     return out, unmatched
 
 
+class _Region:
+    """What selection has decided so far; :func:`select` fills it in two passes."""
+
+    def __init__(self, index: GraphIndex, excluded: set[str] | frozenset[str], per_channel: bool) -> None:
+        self.index = index
+        self.excluded = excluded
+        self.per_channel = per_channel
+        self.tail = tail_nodes(index, excluded)
+        self.quantised: dict[str, None] = {}
+        self.layers: dict[str, None] = {}
+        self.ties: list[Tie] = []
+        self.weights: list[WeightSlot] = []
+        self.float_nodes: list[tuple[str, str]] = []
+        self.foldable: list[str] = []
+
+    def is_activation(self, name: str) -> bool:
+        return bool(name) and self.index.is_float(name)
+
+    def add_layer(self, node: onnx.NodeProto, rule: OpRule) -> str:
+        """Quantise a WEIGHTED, QUANTIZED_IO or TIE_ALL node; the reason it stays float otherwise."""
+        inputs = data_inputs(node, rule)
+        outputs = data_outputs(node, rule)
+        if not outputs or not all(self.is_activation(o) for o in outputs):
+            return "its output is not float32"
+        if rule.kind is not Kind.WEIGHTED and node.name in self.tail:
+            return TAIL_REASON
+        if node.op_type in FLOAT_OUTPUT_KERNELS:  # quantised only if a quantised reader asks for it
+            outputs = [o for o in outputs if _bias_add_follows(self.index, o)]
+        slots = _weight_slots(node, rule, self.index, self.per_channel)
+        slot_inputs = {s.input_index for s in slots}
+        act_inputs = [t for i, t in inputs if i not in slot_inputs]
+        if not all(self.is_activation(t) for t in act_inputs):
+            return "an input is not float32"
+        self.layers[node.name] = None
+        self.weights.extend(slots)
+        self.quantised.update(dict.fromkeys(act_inputs + outputs))
+        if rule.kind is Kind.TIE_ALL:
+            self.ties.extend(Tie(t, outputs[0], node.name, node.op_type, covered=t) for t in act_inputs)
+        return ""
+
+    def can_grow(self, node: onnx.NodeProto, rule: OpRule) -> bool:
+        """Whether a PASS_THROUGH or FOLDABLE_ACTIVATION node joins the quantised region now."""
+        index = self.index
+        data = node.input[0] if node.input else ""
+        outputs = data_outputs(node, rule)
+        if not outputs or not self.is_activation(data) or index.is_constant(data):
+            return False
+        if not all(self.is_activation(o) for o in outputs):
+            return False
+        if data not in self.quantised and not any(o in self.quantised for o in outputs):
+            return False
+        if rule.kind is Kind.PASS_THROUGH:
+            return node.name not in self.tail
+        return _sole_reader(index, data) and not any(index.is_graph_output(o) for o in outputs)
+
+    def grow(self, node: onnx.NodeProto, rule: OpRule) -> None:
+        """Add a pass-through or foldable node: its data input and outputs are tied."""
+        data = node.input[0]
+        self.layers[node.name] = None
+        folding = rule.kind is Kind.FOLDABLE_ACTIVATION
+        if folding:
+            self.foldable.append(node.name)
+        self.quantised[data] = None
+        for out in data_outputs(node, rule):
+            self.quantised[out] = None
+            self.ties.append(Tie(data, out, node.name, node.op_type, covered=data if folding else out))
+
+
 def select(index: GraphIndex, *, excluded: set[str] | frozenset[str] = frozenset(),
            per_channel: bool = True) -> Selection:
     """Apply the rules table to the graph; see the module docstring."""
-    quantised: dict[str, None] = {}
-    layers: dict[str, None] = {}
-    ties: list[Tie] = []
-    weights: list[WeightSlot] = []
-    float_nodes: list[tuple[str, str]] = []
-    foldable: list[str] = []
+    region = _Region(index, excluded, per_channel)
     growing: list[tuple[onnx.NodeProto, OpRule]] = []
-
-    def is_activation(name: str) -> bool:
-        return bool(name) and index.is_float(name)
-
-    tail = tail_nodes(index, excluded)
-
     for node in index.nodes:
         if node.name in excluded:
             continue
         rule, reason = rule_for(node, index)
         if rule is None:
-            float_nodes.append((node.name, reason))
-            continue
-        if rule.kind in (Kind.PASS_THROUGH, Kind.FOLDABLE_ACTIVATION):
+            region.float_nodes.append((node.name, reason))
+        elif rule.kind in (Kind.PASS_THROUGH, Kind.FOLDABLE_ACTIVATION):
             growing.append((node, rule))
-            continue
-        inputs = data_inputs(node, rule)
-        outputs = data_outputs(node, rule)
-        if not outputs or not all(is_activation(o) for o in outputs):
-            float_nodes.append((node.name, "its output is not float32"))
-            continue
-        if rule.kind is not Kind.WEIGHTED and node.name in tail:
-            float_nodes.append((node.name, TAIL_REASON))
-            continue
-        if node.op_type in FLOAT_OUTPUT_KERNELS:  # quantised only if a quantised reader asks for it
-            outputs = [o for o in outputs if _bias_add_follows(index, o)]
-        slots = _weight_slots(node, rule, index, per_channel)
-        slot_inputs = {s.input_index for s in slots}
-        act_inputs = [(i, t) for i, t in inputs if i not in slot_inputs]
-        if not all(is_activation(t) for _, t in act_inputs):
-            float_nodes.append((node.name, "an input is not float32"))
-            continue
-        layers[node.name] = None
-        weights.extend(slots)
-        for _, t in act_inputs:
-            quantised[t] = None
-        for t in outputs:
-            quantised[t] = None
-        if rule.kind is Kind.TIE_ALL:
-            ties.extend(Tie(t, outputs[0], node.name, node.op_type, covered=t) for _, t in act_inputs)
-
+        else:
+            reason = region.add_layer(node, rule)
+            if reason:
+                region.float_nodes.append((node.name, reason))
     changed = True
-    while changed:
-        changed = False
-        for node, rule in growing:
-            if node.name in layers:
-                continue
-            data = node.input[0] if node.input else ""
-            outputs = data_outputs(node, rule)
-            if not is_activation(data) or index.is_constant(data) or not outputs:
-                continue
-            if not all(is_activation(o) for o in outputs):
-                continue
-            if rule.kind is Kind.PASS_THROUGH and node.name in tail:
-                continue
-            if rule.kind is Kind.FOLDABLE_ACTIVATION and any(index.is_graph_output(o) for o in outputs):
-                continue
-            if data not in quantised and not any(o in quantised for o in outputs):
-                continue
-            if rule.kind is Kind.FOLDABLE_ACTIVATION and not _sole_reader(index, data):
-                continue
-            layers[node.name] = None
-            if rule.kind is Kind.FOLDABLE_ACTIVATION:
-                foldable.append(node.name)
-            quantised[data] = None
-            for o in outputs:
-                quantised[o] = None
-                covered = data if rule.kind is Kind.FOLDABLE_ACTIVATION else o
-                ties.append(Tie(data, o, node.name, node.op_type, covered=covered))
-            changed = True
-
-    order = {name: i for i, name in enumerate(n.name for n in index.nodes)}
-    layer_names = tuple(sorted(layers, key=order.__getitem__))
-    in_layers = set(layer_names)
-    for node, _ in growing:
-        if node.name not in in_layers and node.name not in excluded:
-            float_nodes.append((node.name, "outside the quantised region"))
+    while changed:  # the quantised region grows through pass-through and foldable nodes
+        ready = [(n, r) for n, r in growing if n.name not in region.layers and region.can_grow(n, r)]
+        for node, rule in ready:
+            region.grow(node, rule)
+        changed = bool(ready)
+    region.float_nodes.extend((n.name, "outside the quantised region") for n, _ in growing
+                              if n.name not in region.layers)
+    order = {n.name: i for i, n in enumerate(index.nodes)}
     return Selection(
-        layers=layer_names,
-        activations=tuple(_graph_order(index, quantised)),
-        ties=tuple(ties),
-        weights=tuple(weights),
-        foldable=tuple(sorted(foldable, key=order.__getitem__)),
-        float_nodes=tuple(sorted(float_nodes, key=lambda p: order[p[0]])),
+        layers=tuple(sorted(region.layers, key=order.__getitem__)),
+        activations=tuple(_graph_order(index, region.quantised)),
+        ties=tuple(region.ties),
+        weights=tuple(region.weights),
+        foldable=tuple(sorted(region.foldable, key=order.__getitem__)),
+        float_nodes=tuple(sorted(region.float_nodes, key=lambda p: order[p[0]])),
         excluded=tuple(sorted(excluded, key=order.__getitem__)),
     )
 

@@ -1,0 +1,1 @@
+"""Normalisation passes, one per module; :mod:`qnnlib.graph.normalize` runs them in order."""
