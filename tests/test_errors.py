@@ -219,3 +219,15 @@ def test_every_error_is_a_qnnlib_error() -> None:
     for cls in (qnnlib.ConfigError, qnnlib.ModelLoadError, qnnlib.InvalidModelError, qnnlib.UnsupportedModelError,
                 qnnlib.CalibrationDataError, qnnlib.EmptyCalibrationError, qnnlib.SessionError):
         assert issubclass(cls, qnnlib.QnnlibError)
+
+
+def test_unknown_custom_op_names_the_node() -> None:
+    b = builders.GraphBuilder()
+    c = b.conv("x", 3, 4)
+    b.nodes.append(helper.make_node("Mystery", [c], ["y"], name="mystery_node", domain="com.example"))
+    graph = helper.make_graph(b.nodes, "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+                              ir_version=8)
+    with pytest.raises(qnnlib.SessionError, match=r"'mystery_node' \(com\.example::Mystery\).*register"):
+        qnnlib.quantize(model, None)

@@ -277,3 +277,30 @@ def test_nothing_written_to_working_directory(tmp_path: Path, model: onnx.ModelP
     finally:
         os.chdir(cwd)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unconvertible_old_opset_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When onnx's converter fails on an opset-10..12 model, weights are quantised per tensor, which those opsets allow."""
+    old = _old_opset_model(11)
+
+    def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        raise RuntimeError("no adapter for this op")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 2, 8, 8)).astype(np.float32)} for i in range(8)]
+    result = qnnlib.quantize(old, feeds)
+    onnx.checker.check_model(result.model)
+    assert next(op.version for op in result.model.opset_import if op.domain == "") == 11
+    assert not any(a.name == "axis" for n in result.model.graph.node for a in n.attribute)
+    assert all(len(w.scales) == 1 for w in result.plan.weights if w.kind == "weight")
+    assert any("per tensor" in note for note in result.report.notes)
+    assert optimized_op_types(result.model)["QLinearConv"] == 2
+
+
+def test_unconvertible_ancient_opset_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        raise RuntimeError("no adapter for this op")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    with pytest.raises(qnnlib.UnsupportedModelError, match="opset 7.*no QuantizeLinear.*convert_version"):
+        qnnlib.quantize(_old_opset_model(7), None)

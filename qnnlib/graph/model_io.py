@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import onnx
 from google.protobuf.message import DecodeError
 
-from qnnlib.errors import InvalidModelError, ModelLoadError, SessionError, UnsupportedModelError
+from qnnlib.errors import InvalidModelError, ModelLoadError, SessionError, UnsupportedModelError, first_line
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -178,4 +178,20 @@ def make_session(proto: onnx.ModelProto, *, threads: int | None = None, optimiza
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise SessionError(f"onnxruntime could not load the {log_errors_as}: {exc}") from exc
+        raise SessionError(f"onnxruntime could not load the {log_errors_as}: {first_line(exc)}"
+                           + _custom_op_hint(proto)) from exc
+
+
+#: Op domains onnxruntime's CPU provider implements without extra libraries.
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc"})
+
+
+def _custom_op_hint(proto: onnx.ModelProto) -> str:
+    """Name the nodes of domains onnxruntime does not know, with the fix."""
+    custom = [n for n in proto.graph.node if n.domain not in KNOWN_DOMAINS]
+    if not custom:
+        return ""
+    node = custom[0]
+    return (f". Node {node.name!r} ({node.domain}::{node.op_type}) and {len(custom) - 1} more are custom ops; "
+            "onnxruntime needs their library to run the model for calibration: register it "
+            "(SessionOptions.register_custom_ops_library) before quantising, or replace those nodes")
