@@ -13,6 +13,8 @@ from qnnlib.numerics.qtypes import ACTIVATION_TYPES, WEIGHT_TYPES, qtype
 
 #: The calibration method used when none is given (see docs/concepts.md for the measurements).
 DEFAULT_METHOD = "mse"
+#: Values of QuantConfig.overflow_fix.
+OVERFLOW_FIXES = ("enable", "first_layer", "disable")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +51,9 @@ class QuantConfig:
     * ``activation_type``: ``"uint8"`` (default; asymmetric, the fast path on x86) or ``"int8"``.
     * ``activation_symmetric``: zero point 0 for activations (needs ``int8``).
     * ``weight_type``: ``"int8"``, symmetric; ``per_channel`` along each layer's output channels.
+    * ``overflow_fix``: ``"enable"`` (default) gives int8 weights 7 bits of range so that x86 CPUs
+      without VNNI cannot saturate their u8 x s8 pair sums; ``"first_layer"`` only for layers that read
+      a model input; ``"disable"`` for targets without the problem (VNNI, ARM, GPU).
     * ``method``: calibration method, a name (``"minmax"``, ``"percentile"``, ``"entropy"``,
       ``"mse"``) or a method object such as ``Percentile(99.99)``.
     * ``exclude``: node names or glob patterns to keep in float; ``exclude_op_types``: op types.
@@ -64,6 +69,7 @@ class QuantConfig:
     activation_symmetric: bool = False
     weight_type: str = "int8"
     per_channel: bool = True
+    overflow_fix: str = "first_layer"
     method: str | CalibrationMethod = DEFAULT_METHOD
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
@@ -95,6 +101,8 @@ class QuantConfig:
             )
         if self.weight_type not in WEIGHT_TYPES:
             raise ConfigError(f"weight_type must be one of {WEIGHT_TYPES}, got {self.weight_type!r}")
+        if self.overflow_fix not in OVERFLOW_FIXES:
+            raise ConfigError(f"overflow_fix must be one of {OVERFLOW_FIXES}, got {self.overflow_fix!r}")
 
     @property
     def calibration(self) -> CalibrationMethod:
@@ -109,6 +117,7 @@ class QuantConfig:
             "activation_symmetric": self.activation_symmetric,
             "weight_type": self.weight_type,
             "per_channel": self.per_channel,
+            "overflow_fix": self.overflow_fix,
             "method": {"name": method.name, **vars(method)},
             "exclude": list(self.exclude),
             "exclude_op_types": list(self.exclude_op_types),

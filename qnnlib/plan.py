@@ -41,6 +41,7 @@ class WeightPlan:
     """A constant input of a layer quantised as a weight (symmetric, per channel) or an int32 bias.
 
     ``scales`` has one entry per channel along ``axis`` (one entry when ``axis`` is None);
+    ``qmax`` bounds the quantised magnitude (127, or 63 with the overflow fix; unused for biases);
     ``clamped`` counts bias values that overflowed int32 and were clamped.
     """
 
@@ -52,6 +53,7 @@ class WeightPlan:
     axis: int | None
     scales: tuple[float, ...]
     clamped: int = 0
+    qmax: int = 127
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,21 @@ def _fold_is_exact(node: onnx.NodeProto, params: ActivationParams, index: GraphI
     return lo >= bound_lo - half and hi <= bound_hi + half
 
 
+def _overflow_fix_applies(node: onnx.NodeProto, index: GraphIndex, groups: Mapping[str, GroupPlan],
+                          config: QuantConfig) -> bool:
+    """Whether ``node``'s weights get 7 bits of range (``QuantConfig.overflow_fix``).
+
+    "enable": every weighted layer; "first_layer": layers whose activation input is tied to a graph
+    input (raw images and audio fill the whole uint8 range, where saturation bites most); "disable": none.
+    """
+    if config.overflow_fix == "enable":
+        return True
+    if config.overflow_fix == "disable":
+        return False
+    group = groups.get(node.input[0])
+    return group is not None and any(m in index.graph_inputs for m in group.members)
+
+
 def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan],
                   config: QuantConfig) -> tuple[WeightPlan, ...]:
     wqt = qtype(config.weight_type)
@@ -134,14 +149,15 @@ def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, 
                 f"weight {slot.tensor!r} of node {slot.node!r} holds NaN or inf; fix the model, or keep the "
                 f"node in float with QuantConfig(exclude=({slot.node!r},))"
             )
-        scales = affine.weight_scales(w, slot.axis, wqt)
+        qmax = affine.OVERFLOW_SAFE_QMAX if _overflow_fix_applies(node, index, groups, config) else wqt.qmax
+        scales = affine.weight_scales(w, slot.axis, qmax)
         bias_slot = biases.get(slot.node)
         if bias_slot is not None and slot.axis is not None:
             s_in = np.float32(groups[node.input[0]].params.scale)
             scales = affine.bias_safe_scales(scales, w, slot.axis, index.constant(bias_slot.tensor), s_in)
         weight_scales[slot.node] = scales
         plans.append(WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
-                                tuple(float(s) for s in scales)))
+                                tuple(float(s) for s in scales), qmax=qmax))
     for slot in selection.weights:
         if slot.kind != BIAS:
             continue

@@ -304,3 +304,37 @@ def test_unconvertible_ancient_opset_is_refused(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
     with pytest.raises(qnnlib.UnsupportedModelError, match="opset 7.*no QuantizeLinear.*convert_version"):
         qnnlib.quantize(_old_opset_model(7), None)
+
+
+@pytest.mark.parametrize("mode", ["enable", "first_layer", "disable"])
+def test_overflow_fix_bounds_weights(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], mode: str) -> None:
+    """x86 kernels without VNNI saturate u8 x s8 pair sums past 32767: 255 * 63 * 2 stays below it."""
+    result = qnnlib.quantize(model, feeds, config=qnnlib.QuantConfig(overflow_fix=mode))
+    weights = [w for w in result.plan.weights if w.kind == "weight"]
+    first = weights[0]  # the stem Conv reads the graph input
+    expected_first = 127 if mode == "disable" else 63
+    expected_rest = 63 if mode == "enable" else 127
+    assert first.qmax == expected_first
+    assert all(w.qmax == expected_rest for w in weights[1:])
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    q = stored[next(n.input[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+                    and n.output[0] in {i for c in result.model.graph.node if c.op_type == "Conv" for i in c.input}
+                    and n.input[0] in stored and stored[n.input[0]].dtype == np.int8 and stored[n.input[0]].ndim == 4)]
+    assert np.abs(q.astype(int)).max() <= 127
+
+
+def test_overflow_fix_recovers_saturating_layer() -> None:
+    """A first layer fed by saturated inputs (a white page) loses its output to u8 x s8 saturation without the fix."""
+    b = builders.GraphBuilder(11)
+    w = np.full((8, 3, 3, 3), 0.5, np.float32)  # large, same-signed weights: adjacent products add up
+    y = b.op("Conv", ["x", b.const(w, "w")], pads=[1, 1, 1, 1])
+    b.nodes[-1].output[0] = "y"
+    del y
+    m = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])])
+    rng = np.random.default_rng(0)
+    feeds = [{"x": np.where(rng.random((1, 3, 16, 16)) < 0.9, 1.0, -1.0).astype(np.float32)} for _ in range(8)]
+    fixed = qnnlib.quantize(m, feeds)
+    ref = run(m, feeds[0])[0]
+    assert sqnr_db(ref, fixed.session().run(None, feeds[0])[0]) > 30
+    assert fixed.report.outputs[0].sqnr_db > 30

@@ -11,12 +11,12 @@ from tests import builders
 from tests.conftest import optimized_op_types, run, sqnr_db
 
 # Output SQNR bounds (dB, over 16 held-out samples) against float, for default settings. Measured
-# when they were set: conv_net 39.4, mlp 23.1, transformer_block 24.0 (onnxruntime's quantize_static
-# on the same data: 39.6, 22.6, 23.6). They sit about 3 dB below, so a lost layer or a wrong scale
-# fails them.
+# when they were set: conv_net 39.1, mlp 35.5, transformer_block 24.0 (onnxruntime's quantize_static
+# on the same data: 39.6, 22.6, 23.6; its mlp loses to u8 x s8 saturation in the first layer). They
+# sit about 3 dB below, so a lost layer or a wrong scale fails them.
 CASES = {
     "conv_net": (builders.conv_net, 36.0),
-    "mlp": (builders.mlp, 20.0),
+    "mlp": (builders.mlp, 32.0),
     "transformer_block": (builders.transformer_block, 21.0),
 }
 

@@ -83,8 +83,8 @@ def test_constant_zero_range_gives_unit_scale() -> None:
 
 @given(hnp.arrays(np.float32, (6, 3, 2, 2), elements=st.floats(-10, 10, width=32)))
 def test_weights_symmetric_per_channel(w: np.ndarray) -> None:
-    scales = affine.weight_scales(w, 0, INT8)
-    q = affine.quantize_weight(w, scales, 0, INT8)
+    scales = affine.weight_scales(w, 0, 127)
+    q = affine.quantize_weight(w, scales, 0, INT8, 127)
     assert q.dtype == np.int8 and q.min() >= -127
     back = affine.dequantize(q, scales, 0, axis=0)
     assert np.all(np.abs(back - w) <= scales.reshape(-1, 1, 1, 1) / 2 + 1e-6)
@@ -102,7 +102,7 @@ def test_bias_scale_and_overflow_clamp() -> None:
 def test_zero_weight_channel_gets_a_bias_safe_scale() -> None:
     w = np.zeros((2, 1, 1, 1), np.float32)
     w[0] = 1.0
-    scales = affine.weight_scales(w, 0, INT8)
+    scales = affine.weight_scales(w, 0, 127)
     assert scales[1] == 1.0
     safe = affine.bias_safe_scales(scales, w, 0, np.array([0.5, 3.0], np.float32), np.float32(0.02))
     q, clamped = affine.quantize_bias(np.array([0.5, 3.0]), affine.bias_scales(np.float32(0.02), safe))

@@ -33,15 +33,15 @@ def _digits(n: int, start: int = 0) -> list[np.ndarray]:
 
 
 # Output SQNR bounds (dB) over 16 held-out inputs, about 3 dB below what was measured when they were
-# set: squeezenet 29.3, ultraface 37.8, mnist 13.9.
+# set: squeezenet 38.9, ultraface 49.3, mnist 32.4 (with overflow_fix='disable': 29.3, 37.8, 13.9).
 # Real-photo figures against onnxruntime's quantiser are in docs/benchmarks.md.
 @pytest.mark.parametrize(
     ("name", "input_name", "data", "convs", "bound"),
     [
-        ("squeezenet1.0-fp32.onnx", "data_0", lambda n, s: _feeds((1, 3, 224, 224), n, scale=255.0, seed=s), 26, 26.0),
+        ("squeezenet1.0-fp32.onnx", "data_0", lambda n, s: _feeds((1, 3, 224, 224), n, scale=255.0, seed=s), 26, 35.5),
         ("ultraface-rfb-320.onnx", "input", lambda n, s: _feeds((1, 3, 240, 320), n, scale=2.0, offset=-1.0, seed=s),
-         52, 34.5),
-        ("mnist-cntk.onnx", "Input3", lambda n, s: _digits(n, 100 * s), 2, 11.0),
+         52, 46.0),
+        ("mnist-cntk.onnx", "Input3", lambda n, s: _digits(n, 100 * s), 2, 29.0),
     ],
     ids=["squeezenet", "ultraface", "mnist"],
 )

@@ -23,18 +23,19 @@ class StreamingHistogram:
         self.capacity = 2 * bins
         self.width: float = 0.0
         self.start = 0
-        self.counts = np.zeros(0, np.int64)
+        self.counts = np.zeros(0, np.float64)
 
     @property
     def empty(self) -> bool:
         """Whether no value has been counted yet."""
         return self.width == 0.0
 
-    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
-        """Count the finite float values ``x``; ``lo``/``hi`` bound them (their min and max, when known).
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, weight: float = 1.0) -> None:
+        """Count the finite float values ``x``, each ``weight`` times; ``lo``/``hi`` bound them.
 
-        The bounds also fix the grid's extent, so a subset of a batch can be counted with the
-        batch's own extremes.
+        The bounds (the batch's min and max, when known) also fix the grid's extent, so a subset of a
+        batch can be counted with the batch's own extremes; ``weight`` lets a subsample stand for the
+        values it was drawn from.
         """
         x = np.asarray(x, np.float32).ravel()
         if x.size == 0:
@@ -47,7 +48,7 @@ class StreamingHistogram:
                 span = max(abs(hi), 1e-30)
             self.width = 2.0 ** math.ceil(math.log2(span / self.bins))
             self.start = math.floor(lo / self.width)
-            self.counts = np.zeros(math.floor(hi / self.width) - self.start + 1, np.int64)
+            self.counts = np.zeros(math.floor(hi / self.width) - self.start + 1, np.float64)
         first = min(self.start, math.floor(lo / self.width))
         last = max(self.start + len(self.counts) - 1, math.floor(hi / self.width))
         while last - first + 1 > self.capacity:
@@ -55,7 +56,7 @@ class StreamingHistogram:
             first = min(self.start, math.floor(lo / self.width))
             last = max(self.start + len(self.counts) - 1, math.floor(hi / self.width))
         if first < self.start or last >= self.start + len(self.counts):
-            grown = np.zeros(last - first + 1, np.int64)
+            grown = np.zeros(last - first + 1, np.float64)
             offset = self.start - first
             grown[offset:offset + len(self.counts)] = self.counts
             self.counts, self.start = grown, first
@@ -65,7 +66,7 @@ class StreamingHistogram:
         idx = scaled.astype(np.intp)
         idx -= self.start
         np.clip(idx, 0, len(self.counts) - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=len(self.counts))
+        self.counts += weight * np.bincount(idx, minlength=len(self.counts))
 
     def _coarsen(self) -> None:
         counts = self.counts

@@ -19,7 +19,8 @@ import numpy as np
 
 from qnnlib.calibration.histogram import StreamingHistogram
 
-#: Histograms see at most this many values per batch (an evenly strided subset of larger batches).
+#: Histograms of larger batches count an evenly strided subsample of about this many values, plus
+#: every value in the two tails (about this many again); see HistogramObserver.update.
 HISTOGRAM_VALUES_PER_BATCH = 1 << 14
 
 
@@ -70,15 +71,29 @@ class HistogramObserver(MinMaxObserver):
         self.histogram = StreamingHistogram(method.bins)
 
     def update(self, x: np.ndarray, lo: float, hi: float) -> None:
-        """Update min and max with every value; the histogram with an evenly strided subset.
+        """Update min and max with every value, and the histogram with the body subsampled, tails exact.
 
-        The subset keeps the batch's extremes out of it, so the histogram's range is exact.
+        A batch of ``n > B`` values (``B`` = :data:`HISTOGRAM_VALUES_PER_BATCH`) is counted as an evenly
+        strided subsample of its body, each sampled value standing for ``stride`` values, plus every
+        value beyond the tail thresholds, counted once. The thresholds are the subsample's quantiles
+        that leave about ``B / 2`` values in each tail. Rare large activations, which a plain subsample
+        misses and which MSE and entropy must see to price clipping them, are all counted.
         """
         self.min_ = min(self.min_, lo)
         self.max_ = max(self.max_, hi)
-        if x.size > HISTOGRAM_VALUES_PER_BATCH:
-            x = np.ascontiguousarray(x[:: -(-x.size // HISTOGRAM_VALUES_PER_BATCH)])
-        self.histogram.update(x, lo, hi)
+        n = x.size
+        if n <= HISTOGRAM_VALUES_PER_BATCH:
+            self.histogram.update(x, lo, hi)
+            return
+        stride = -(-n // HISTOGRAM_VALUES_PER_BATCH)
+        sample = np.ascontiguousarray(x[::stride])
+        tail_share = min(0.5, HISTOGRAM_VALUES_PER_BATCH / (2 * n))
+        lo_cut, hi_cut = np.quantile(sample, [tail_share, 1.0 - tail_share])
+        tails = x[(x < lo_cut) | (x > hi_cut)]
+        body = sample[(sample >= lo_cut) & (sample <= hi_cut)]
+        self.histogram.update(body, lo, hi, weight=float(stride))
+        if tails.size:
+            self.histogram.update(tails, lo, hi)
 
     @property
     def range_(self) -> tuple[float, float]:

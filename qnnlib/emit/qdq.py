@@ -197,7 +197,7 @@ def _quantized_weight(index: GraphIndex, writer: _Writer, wp: WeightPlan, scales
     else:
         qt = qtype(wp.qtype)
         axis = wp.axis if scales.size > 1 else None
-        q = affine.quantize_weight(value, scales, axis, qt)
+        q = affine.quantize_weight(value, scales, axis, qt, wp.qmax)
         zero_value = np.zeros(scales.shape, qt.np_dtype)
     if scales.size == 1:
         scales, zero_value = scales.reshape(()), zero_value.reshape(())

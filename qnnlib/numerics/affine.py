@@ -5,7 +5,8 @@ Conventions (DESIGN.md section 3):
 * ``r = s * (q - z)`` and ``q = clip(rint(r / s) + z, qmin, qmax)``; ``np.rint`` rounds half to
   even, as onnxruntime does.
 * Scales are float32, zero points integers; zero is always exactly representable.
-* Weights are symmetric (``z = 0``) over the restricted range ``[-qmax, qmax]``.
+* Weights are symmetric (``z = 0``) over a restricted range ``[-qmax, qmax]``: ``qmax = 127`` uses all
+  of int8; :data:`OVERFLOW_SAFE_QMAX` keeps x86 integer kernels from saturating.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from qnnlib.numerics.qtypes import INT32, QType
 
 #: Scales below this are replaced by 1.0: the tensor is (numerically) constant zero.
 MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+#: Largest weight magnitude at which x86 u8 x s8 kernels cannot saturate. Without VNNI they add two
+#: adjacent products in int16 (``vpmaddubsw``): ``255 * 127 * 2 = 64770`` overflows 32767, while
+#: ``255 * 63 * 2 = 32130`` does not. Weights stay int8 in storage; they use 7 bits of range.
+OVERFLOW_SAFE_QMAX = 63
 
 
 def activation_qparams(lo: float, hi: float, qt: QType, *, symmetric: bool = False) -> tuple[np.float32, int]:
@@ -79,7 +85,7 @@ def fake_quantize(x: np.ndarray, scale: float, zero_point: int, qt: QType) -> np
     return dequantize(quantize(x, scale, zero_point, qt), scale, zero_point)
 
 
-def weight_scales(w: np.ndarray, axis: int | None, qt: QType) -> np.ndarray:
+def weight_scales(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
     """Symmetric per-channel scales ``s[c] = max|w[c]| / qmax`` (per tensor when axis is None).
 
     A channel whose weights are all zero gets ``s = 1``; :func:`bias_safe_scales` may refine it.
@@ -91,15 +97,15 @@ def weight_scales(w: np.ndarray, axis: int | None, qt: QType) -> np.ndarray:
         axis = axis % w.ndim
         reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.max(np.abs(w), axis=reduce_axes, initial=0.0)
-    scales = (amax / np.float32(qt.qmax)).astype(np.float32)
+    scales = (amax / np.float32(qmax)).astype(np.float32)
     scales[scales < MIN_SCALE] = 1.0
     return scales
 
 
-def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qt: QType) -> np.ndarray:
-    """Symmetric weight quantisation ``q = clip(rint(w / s[c]), -qmax, qmax)``."""
+def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qt: QType, qmax: int) -> np.ndarray:
+    """Symmetric weight quantisation ``q = clip(rint(w / s[c]), -qmax, qmax)``, stored in ``qt``."""
     q = quantize(w, scales if axis is not None else scales.reshape(()), 0, qt, axis)
-    return np.clip(q, -qt.qmax, qt.qmax).astype(qt.np_dtype)
+    return np.clip(q, -qmax, qmax).astype(qt.np_dtype)
 
 
 def bias_scales(input_scale: np.float32, w_scales: np.ndarray) -> np.ndarray:
