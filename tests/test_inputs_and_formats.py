@@ -280,7 +280,7 @@ def test_nothing_written_to_working_directory(tmp_path: Path, model: onnx.ModelP
 
 
 def test_unconvertible_old_opset_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
-    """When onnx's converter fails on an opset-10..12 model, weights are quantised per tensor, which those opsets allow."""
+    """When onnx's converter fails on an opset-10..12 model, weights are quantised per tensor (allowed there)."""
     old = _old_opset_model(11)
 
     def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -302,7 +302,7 @@ def test_unconvertible_ancient_opset_is_refused(monkeypatch: pytest.MonkeyPatch)
         raise RuntimeError("no adapter for this op")
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
-    with pytest.raises(qnnlib.UnsupportedModelError, match="opset 7.*no QuantizeLinear.*convert_version"):
+    with pytest.raises(qnnlib.UnsupportedModelError, match=r"opset 7.*no QuantizeLinear.*convert_version"):
         qnnlib.quantize(_old_opset_model(7), None)
 
 
