@@ -12,7 +12,7 @@ from qnnlib.errors import ConfigError
 from qnnlib.numerics.qtypes import ACTIVATION_TYPES, WEIGHT_TYPES, qtype
 
 #: The calibration method used when none is given (see docs/concepts.md for the measurements).
-DEFAULT_METHOD = "mse"
+DEFAULT_METHOD = "percentile"
 #: Values of QuantConfig.overflow_fix.
 OVERFLOW_FIXES = ("enable", "first_layer", "disable")
 
@@ -75,7 +75,7 @@ class QuantConfig:
     exclude_op_types: tuple[str, ...] = ()
     overrides: Mapping[str, TensorOverride] = field(default_factory=dict)
     max_calibration_samples: int | None = None
-    report_samples: int = 8
+    report_samples: int = 4
     fold_batchnorm: bool = True
     verify_fusion: bool = True
     seed: int = 0

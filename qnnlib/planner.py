@@ -129,7 +129,21 @@ def _overflow_fix_applies(node: onnx.NodeProto, index: GraphIndex, groups: Mappi
     if config.overflow_fix == "disable":
         return False
     group = groups.get(node.input[0])
-    return group is not None and any(m in index.graph_inputs for m in group.members)
+    return group is not None and any(_from_model_input(m, index) for m in group.members)
+
+
+#: Ops that carry a model input's values unchanged (or only retyped) to the first layer.
+_INPUT_CARRIERS = frozenset({"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _from_model_input(tensor: str, index: GraphIndex) -> bool:
+    """Whether ``tensor`` is a graph input, or one seen through Casts and reshapes (a float16 model's input)."""
+    while tensor not in index.graph_inputs:
+        producer = index.producer(tensor)
+        if producer is None or producer.op_type not in _INPUT_CARRIERS:
+            return False
+        tensor = producer.input[0]
+    return True
 
 
 def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan],

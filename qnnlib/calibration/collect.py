@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,11 +21,14 @@ import onnx
 
 from qnnlib.calibration.feeds import FeedSource
 from qnnlib.calibration.methods import CalibrationMethod, Observer
+from qnnlib.errors import SessionError, first_line
 from qnnlib.graph.model_io import make_session
 from qnnlib.numerics.metrics import reference_positions
 
 log = logging.getLogger(__name__)
 
+#: onnxruntime threads in the calibration pipeline.
+CALIBRATION_THREADS: int | None = 1
 #: Values kept per captured tensor and sample; per graph output and sample.
 CAPTURE_VALUES = 4096
 OUTPUT_VALUES = 1 << 16
@@ -71,20 +75,42 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     samples = 0
     if not wanted:
         return CalibrationStats({}, sum(1 for _ in feeds))
-    session = make_session(with_outputs(model, wanted), log_errors_as="float model for calibration")
+    # A two-stage pipeline: onnxruntime (one thread) runs sample i + 1 while this thread updates the
+    # observers with sample i; at most two samples' tensors are alive at once.
+    session = make_session(with_outputs(model, wanted), threads=CALIBRATION_THREADS, log_errors_as="float model for calibration")
     observe_only = list(observe)
 
-    for feed in feeds:
-        names = wanted if samples < capture_samples else observe_only
-        values = dict(zip(names, session.run(names, feed), strict=True)) if names else {}
-        for name in observe_only:
-            _observe(observers[name], name, np.asarray(values[name]), nonfinite)
-        if samples < capture_samples:
-            references.append(_capture(values, capture, graph_outputs))
-        samples += 1
+    def run(index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = wanted if index < capture_samples else observe_only
+        try:
+            return dict(zip(names, session.run(names, feed), strict=True))
+        except Exception as exc:  # onnxruntime's own exception types
+            raise SessionError(f"onnxruntime failed on calibration sample {index}: {first_line(exc)}") from exc
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qnnlib-calibrate") as pool:
+        pending: Future[dict[str, np.ndarray]] | None = None
+        for feed in feeds:
+            upcoming = pool.submit(run, samples, feed)
+            samples += 1
+            if pending is not None:
+                _consume(pending.result(), observers, nonfinite, references, capture, graph_outputs,
+                         capture=len(references) < capture_samples)
+            pending = upcoming
+        if pending is not None:
+            _consume(pending.result(), observers, nonfinite, references, capture, graph_outputs,
+                     capture=len(references) < capture_samples)
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references)
+
+
+def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int],
+             references: list[Reference], captured: Sequence[str], outputs: Sequence[str], *, capture: bool) -> None:
+    """Fold one sample's tensors into the observers; keep its references while they are wanted."""
+    for name, observer in observers.items():
+        _observe(observer, name, np.asarray(values[name]), nonfinite)
+    if capture:
+        references.append(_capture(values, captured, outputs))
 
 
 def _capture(values: dict[str, np.ndarray], capture: Sequence[str], outputs: Sequence[str]) -> Reference:

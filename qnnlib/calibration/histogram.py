@@ -60,12 +60,13 @@ class StreamingHistogram:
             offset = self.start - first
             grown[offset:offset + len(self.counts)] = self.counts
             self.counts, self.start = grown, first
-        # floor before subtracting the start: x / w - start can round up across a bin edge in float32
+        # floor before subtracting the start: x / w - start can round up across a bin edge in float32;
+        # idx >= 0 since start <= floor(lo / w), and only float rounding at the top needs the minimum
         scaled = x * np.float32(1.0 / self.width)
         np.floor(scaled, out=scaled)
         idx = scaled.astype(np.intp)
         idx -= self.start
-        np.clip(idx, 0, len(self.counts) - 1, out=idx)
+        np.minimum(idx, len(self.counts) - 1, out=idx)
         self.counts += weight * np.bincount(idx, minlength=len(self.counts))
 
     def _coarsen(self) -> None:

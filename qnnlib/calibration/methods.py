@@ -20,8 +20,8 @@ import numpy as np
 from qnnlib.calibration.histogram import StreamingHistogram
 
 #: Histograms of larger batches count an evenly strided subsample of about this many values, plus
-#: every value in the two tails (about this many again); see HistogramObserver.update.
-HISTOGRAM_VALUES_PER_BATCH = 1 << 14
+#: every value beyond the subsample's min and max; see HistogramObserver.update.
+HISTOGRAM_VALUES_PER_BATCH = 1 << 12
 
 
 class Observer(Protocol):
@@ -71,13 +71,12 @@ class HistogramObserver(MinMaxObserver):
         self.histogram = StreamingHistogram(method.bins)
 
     def update(self, x: np.ndarray, lo: float, hi: float) -> None:
-        """Update min and max with every value, and the histogram with the body subsampled, tails exact.
+        """Update min and max with every value; the histogram with a subsample and the exact extremes.
 
         A batch of ``n > B`` values (``B`` = :data:`HISTOGRAM_VALUES_PER_BATCH`) is counted as an evenly
-        strided subsample of its body, each sampled value standing for ``stride`` values, plus every
-        value beyond the tail thresholds, counted once. The thresholds are the subsample's quantiles
-        that leave about ``B / 2`` values in each tail. Rare large activations, which a plain subsample
-        misses and which MSE and entropy must see to price clipping them, are all counted.
+        strided subsample, each sampled value standing for ``stride`` values, plus every value beyond
+        the subsample's own min and max, counted once. Rare large activations, which a subsample misses
+        and which MSE and entropy must see to price clipping them, are so always counted.
         """
         self.min_ = min(self.min_, lo)
         self.max_ = max(self.max_, hi)
@@ -87,13 +86,12 @@ class HistogramObserver(MinMaxObserver):
             return
         stride = -(-n // HISTOGRAM_VALUES_PER_BATCH)
         sample = np.ascontiguousarray(x[::stride])
-        tail_share = min(0.5, HISTOGRAM_VALUES_PER_BATCH / (2 * n))
-        lo_cut, hi_cut = np.quantile(sample, [tail_share, 1.0 - tail_share])
-        tails = x[(x < lo_cut) | (x > hi_cut)]
-        body = sample[(sample >= lo_cut) & (sample <= hi_cut)]
-        self.histogram.update(body, lo, hi, weight=float(stride))
-        if tails.size:
-            self.histogram.update(tails, lo, hi)
+        s_lo, s_hi = float(sample.min()), float(sample.max())
+        self.histogram.update(sample, lo, hi, weight=float(stride))
+        if hi > s_hi:
+            self.histogram.update(x[x > s_hi], lo, hi)
+        if lo < s_lo:
+            self.histogram.update(x[x < s_lo], lo, hi)
 
     @property
     def range_(self) -> tuple[float, float]:

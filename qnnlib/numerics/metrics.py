@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,15 +23,17 @@ def cosine(reference: np.ndarray, test: np.ndarray) -> float:
     return acc.cosine
 
 
+@functools.lru_cache(maxsize=1024)
 def reference_positions(size: int, count: int) -> np.ndarray:
     """``count`` evenly spread flat indices into a tensor of ``size`` elements (all when fewer).
 
     Fidelity figures compare float and quantised tensors on these positions only: both sides use
-    the same deterministic subset, so memory and time stay bounded for large tensors.
+    the same deterministic subset, so memory and time stay bounded for large tensors. The result is
+    cached and read-only.
     """
-    if size <= count:
-        return np.arange(size)
-    return np.linspace(0, size - 1, count).astype(np.int64)
+    positions = np.arange(size) if size <= count else np.linspace(0, size - 1, count).astype(np.int64)
+    positions.setflags(write=False)
+    return positions
 
 
 @dataclass
