@@ -73,7 +73,7 @@ def test_generator_is_read_once(model: onnx.ModelProto, feeds: list[dict[str, np
 
     result = qnnlib.quantize(model, gen())
     assert reads == list(range(len(feeds)))
-    assert result.report.evaluation_samples == min(8, len(feeds))
+    assert result.report.evaluation_samples == min(qnnlib.QuantConfig().report_samples, len(feeds))
 
 
 def test_single_mapping_is_one_sample(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:

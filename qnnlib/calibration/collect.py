@@ -27,7 +27,8 @@ from qnnlib.numerics.metrics import reference_positions
 
 log = logging.getLogger(__name__)
 
-#: onnxruntime threads in the calibration pipeline.
+#: onnxruntime threads in the calibration pipeline: one, so that the observers have the other core
+#: (measured faster than two on three of the four benchmark models).
 CALIBRATION_THREADS: int | None = 1
 #: Values kept per captured tensor and sample; per graph output and sample.
 CAPTURE_VALUES = 4096
@@ -77,7 +78,8 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
         return CalibrationStats({}, sum(1 for _ in feeds))
     # A two-stage pipeline: onnxruntime (one thread) runs sample i + 1 while this thread updates the
     # observers with sample i; at most two samples' tensors are alive at once.
-    session = make_session(with_outputs(model, wanted), threads=CALIBRATION_THREADS, log_errors_as="float model for calibration")
+    session = make_session(with_outputs(model, wanted), threads=CALIBRATION_THREADS,
+                           log_errors_as="float model for calibration")
     observe_only = list(observe)
 
     def run(index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,19 +95,19 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
             upcoming = pool.submit(run, samples, feed)
             samples += 1
             if pending is not None:
-                _consume(pending.result(), observers, nonfinite, references, capture, graph_outputs,
-                         capture=len(references) < capture_samples)
+                _consume(pending.result(), observers, nonfinite, references=references, captured=capture,
+                         outputs=graph_outputs, capture=len(references) < capture_samples)
             pending = upcoming
         if pending is not None:
-            _consume(pending.result(), observers, nonfinite, references, capture, graph_outputs,
-                     capture=len(references) < capture_samples)
+            _consume(pending.result(), observers, nonfinite, references=references, captured=capture,
+                     outputs=graph_outputs, capture=len(references) < capture_samples)
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references)
 
 
-def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int],
-             references: list[Reference], captured: Sequence[str], outputs: Sequence[str], *, capture: bool) -> None:
+def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int], *,
+             references: list[Reference], captured: Sequence[str], outputs: Sequence[str], capture: bool) -> None:
     """Fold one sample's tensors into the observers; keep its references while they are wanted."""
     for name, observer in observers.items():
         _observe(observer, name, np.asarray(values[name]), nonfinite)

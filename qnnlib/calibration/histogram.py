@@ -12,6 +12,9 @@ import math
 
 import numpy as np
 
+#: Narrowest bin: its reciprocal, by which values are scaled, must stay finite in float32.
+MIN_WIDTH = 2.0**-100
+
 
 class StreamingHistogram:
     """Counts of values on a zero-anchored power-of-two grid of at most ``2 * bins`` bins."""
@@ -46,7 +49,7 @@ class StreamingHistogram:
             span = hi - lo
             if span <= 0.0:
                 span = max(abs(hi), 1e-30)
-            self.width = 2.0 ** math.ceil(math.log2(span / self.bins))
+            self.width = max(2.0 ** math.ceil(math.log2(span / self.bins)), MIN_WIDTH)
             self.start = math.floor(lo / self.width)
             self.counts = np.zeros(math.floor(hi / self.width) - self.start + 1, np.float64)
         first = min(self.start, math.floor(lo / self.width))
@@ -60,12 +63,12 @@ class StreamingHistogram:
             offset = self.start - first
             grown[offset:offset + len(self.counts)] = self.counts
             self.counts, self.start = grown, first
-        # floor before subtracting the start: x / w - start can round up across a bin edge in float32;
-        # idx >= 0 since start <= floor(lo / w), and only float rounding at the top needs the minimum
+        # floor before subtracting the start: x / w - start can round up across a bin edge in float32
         scaled = x * np.float32(1.0 / self.width)
         np.floor(scaled, out=scaled)
         idx = scaled.astype(np.intp)
         idx -= self.start
+        np.maximum(idx, 0, out=idx)
         np.minimum(idx, len(self.counts) - 1, out=idx)
         self.counts += weight * np.bincount(idx, minlength=len(self.counts))
 
