@@ -340,3 +340,12 @@ def test_overflow_fix_recovers_saturating_layer() -> None:
     ref = run(m, feeds[0])[0]
     assert sqnr_db(ref, fixed.session().run(None, feeds[0])[0]) > 30
     assert fixed.report.outputs[0].sqnr_db > 30
+
+
+def test_sequential_and_pipelined_calibration_agree(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                                                    reference: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above PIPELINE_BYTES per sample the pass runs one sample at a time; the result is the same."""
+    from qnnlib.calibration import collect
+
+    monkeypatch.setattr(collect, "PIPELINE_BYTES", 1)
+    assert qnnlib.quantize(model, iter(feeds)).model.SerializeToString() == reference

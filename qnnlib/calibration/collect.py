@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: onnxruntime threads in the calibration pipeline: one, so that the observers have the other core
 #: (measured faster than two on three of the four benchmark models).
 CALIBRATION_THREADS: int | None = 1
+#: Largest size of one sample's observed tensors at which two samples may be in flight.
+PIPELINE_BYTES = 256 << 20
 #: Values kept per captured tensor and sample; per graph output and sample.
 CAPTURE_VALUES = 4096
 OUTPUT_VALUES = 1 << 16
@@ -77,30 +79,41 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     if not wanted:
         return CalibrationStats({}, sum(1 for _ in feeds))
     # A two-stage pipeline: onnxruntime (one thread) runs sample i + 1 while this thread updates the
-    # observers with sample i; at most two samples' tensors are alive at once.
-    session = make_session(with_outputs(model, wanted), threads=CALIBRATION_THREADS,
-                           log_errors_as="float model for calibration")
+    # observers with sample i, so two samples' tensors are alive at once. When one sample's tensors
+    # exceed PIPELINE_BYTES the pass runs one sample at a time instead.
+    augmented = with_outputs(model, wanted)
+    sessions = [make_session(augmented, threads=CALIBRATION_THREADS, log_errors_as="float model for calibration")]
     observe_only = list(observe)
 
     def run(index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = wanted if index < capture_samples else observe_only
         try:
-            return dict(zip(names, session.run(names, feed), strict=True))
+            return dict(zip(names, sessions[-1].run(names, feed), strict=True))
         except Exception as exc:  # onnxruntime's own exception types
             raise SessionError(f"onnxruntime failed on calibration sample {index}: {first_line(exc)}") from exc
 
+    def consume(values: dict[str, np.ndarray]) -> None:
+        _consume(values, observers, nonfinite, references=references, captured=capture, outputs=graph_outputs,
+                 capture=len(references) < capture_samples)
+
+    pipelined = True
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qnnlib-calibrate") as pool:
         pending: Future[dict[str, np.ndarray]] | None = None
         for feed in feeds:
             upcoming = pool.submit(run, samples, feed)
             samples += 1
             if pending is not None:
-                _consume(pending.result(), observers, nonfinite, references=references, captured=capture,
-                         outputs=graph_outputs, capture=len(references) < capture_samples)
+                consume(pending.result())
             pending = upcoming
+            if samples == 1:
+                pipelined = sum(np.asarray(v).nbytes for v in pending.result().values()) <= PIPELINE_BYTES
+                if not pipelined:  # one sample at a time: give onnxruntime every core
+                    sessions[:] = [make_session(augmented, log_errors_as="float model for calibration")]
+            if not pipelined:
+                consume(pending.result())
+                pending = None
         if pending is not None:
-            _consume(pending.result(), observers, nonfinite, references=references, captured=capture,
-                     outputs=graph_outputs, capture=len(references) < capture_samples)
+            consume(pending.result())
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references)
