@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from qnnlib.calibration.collect import with_outputs
+from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import make_session, temporary_directory
 
 if TYPE_CHECKING:

@@ -22,6 +22,7 @@ import onnx
 from qnnlib.calibration.feeds import FeedSource
 from qnnlib.calibration.methods import CalibrationMethod, Observer
 from qnnlib.errors import SessionError, first_line
+from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import make_session
 from qnnlib.numerics.metrics import reference_positions
 
@@ -53,18 +54,6 @@ class CalibrationStats:
     samples: int
     nonfinite: dict[str, int] = field(default_factory=dict)
     references: list[Reference] = field(default_factory=list)
-
-
-def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors`` (onnxruntime infers their types)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return probe
 
 
 def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, method: CalibrationMethod,

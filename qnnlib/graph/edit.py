@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import onnx
 
@@ -39,3 +39,15 @@ def rename_writes(model: onnx.ModelProto, old: str, new: str) -> None:
         for i, name in enumerate(node.output):
             if name == old:
                 node.output[i] = new
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (onnxruntime infers their types)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in present:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return probe

@@ -32,18 +32,13 @@ def infer_types(model: onnx.ModelProto) -> list[str]:
 
 def _types_from_onnxruntime(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
     from qnnlib.errors import SessionError
+    from qnnlib.graph.edit import with_outputs
     from qnnlib.graph.model_io import make_session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in known:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        session = make_session(probe, optimization="disable")
+        session = make_session(with_outputs(model, tensors), optimization="disable")
     except SessionError as exc:
-        return [f"element types of {len(tensors)} tensors are unknown ({exc}); they stay float"]
+        return [f"element types of {len(tensors)} tensors are unknown ({exc}); they are not quantised"]
     types = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16,
              "tensor(int64)": TensorProto.INT64, "tensor(int32)": TensorProto.INT32,
              "tensor(bool)": TensorProto.BOOL, "tensor(uint8)": TensorProto.UINT8,
