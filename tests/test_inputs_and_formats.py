@@ -349,3 +349,15 @@ def test_sequential_and_pipelined_calibration_agree(model: onnx.ModelProto, feed
 
     monkeypatch.setattr(collect, "PIPELINE_BYTES", 1)
     assert qnnlib.quantize(model, iter(feeds)).model.SerializeToString() == reference
+
+
+def test_metadata_survives_opset_upgrade() -> None:
+    old = _old_opset_model(9)
+    old.doc_string = "old model"
+    old.metadata_props.add(key="source", value="exporter x")
+    old.opset_import.add(domain="com.example.unused", version=2)
+    result = qnnlib.quantize(old, None)
+    out = result.model
+    assert out.doc_string == "old model"
+    assert {p.key: p.value for p in out.metadata_props}["source"] == "exporter x"
+    assert any(op.domain == "com.example.unused" for op in out.opset_import)

@@ -16,6 +16,7 @@ graph topologically sorted, and every inserted name comes from one :class:`NameA
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,7 @@ class _Writer:
         self.before: dict[int, list[onnx.NodeProto]] = {}
         self.after: dict[int, list[onnx.NodeProto]] = {}
         self.initializers: list[onnx.TensorProto] = []
+        self.group_params: dict[int, tuple[str, str]] = {}
 
     def constant(self, base: str, value: np.ndarray) -> str:
         name = self.names.fresh(base)
@@ -93,7 +95,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
     return Emitted(out, quantized_names)
 
 
-def _order_key(index: GraphIndex):  # type: ignore[no-untyped-def]
+def _order_key(index: GraphIndex) -> Callable[[str], tuple[int, str]]:
     rank: dict[str, int] = dict.fromkeys(index.graph_inputs, -1)
     for node in index.nodes:
         for name in node.output:
@@ -120,11 +122,16 @@ def _drop_activations(model: onnx.ModelProto, dropped: tuple[str, ...]) -> None:
 
 
 def _qparams(writer: _Writer, plan: QuantPlan, tensor: str) -> tuple[str, str]:
-    params = plan.params(tensor)
-    qt = qtype(params.qtype)
-    scale = writer.constant(f"{tensor}_scale", np.array(params.scale, np.float32))
-    zero = writer.constant(f"{tensor}_zero_point", np.array(params.zero_point, qt.np_dtype))
-    return scale, zero
+    """The scale and zero-point initializers of ``tensor``'s tied group, written once per group."""
+    group = plan.group_of(tensor)
+    assert group is not None, f"{tensor!r} is not quantised"
+    if group.id not in writer.group_params:
+        params = group.params
+        qt = qtype(params.qtype)
+        scale = writer.constant(f"{tensor}_scale", np.array(params.scale, np.float32))
+        zero = writer.constant(f"{tensor}_zero_point", np.array(params.zero_point, qt.np_dtype))
+        writer.group_params[group.id] = (scale, zero)
+    return writer.group_params[group.id]
 
 
 def _emit_activation(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor: str, layers: set[str]) -> str:
