@@ -49,5 +49,9 @@ class EmptyCalibrationError(CalibrationError):
     """The calibration source yielded no sample."""
 
 
+class ThresholdError(QnnlibError):
+    """The accuracy threshold could not be met and ``Threshold(strict=True)`` asked for an error."""
+
+
 class SessionError(QnnlibError):
     """onnxruntime could not load or run a model qnnlib built or was given; the message carries its words."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -24,7 +25,7 @@ from qnnlib.graph.rules import RULES, clip_bounds, data_inputs
 from qnnlib.graph.select import BIAS, WEIGHT, Selection
 from qnnlib.graph.tying import TiedGroup
 from qnnlib.numerics import affine
-from qnnlib.numerics.qtypes import qtype
+from qnnlib.numerics.qtypes import FLOAT, precision_name, qtype
 from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan, WeightPlan
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,25 @@ def _group_override(group: TiedGroup, overrides: Mapping[str, TensorOverride]) -
     return hits[0] if hits else None
 
 
+@dataclass(frozen=True)
+class GroupChoice:
+    """A later decision about one tied group that replaces calibration's: a range, a type, or both.
+
+    ``qtype`` is a storage type name (``"uint16"`` for a raised group) or ``"float"``.
+    """
+
+    range: tuple[float, float] | None = None
+    qtype: str | None = None
+    source: str = "optimized"
+
+
 def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], index: GraphIndex,
-                 config: QuantConfig) -> ActivationParams:
-    """The shared parameters of one group, from an override or from the union of member ranges."""
-    qt = qtype(config.activation_type)
+                 config: QuantConfig, choice: GroupChoice | None = None) -> ActivationParams:
+    """The shared parameters of one group, from an override, a later choice, or the members' ranges."""
+    if choice is not None and choice.qtype == FLOAT:
+        lo, hi = choice.range or group_range(group, ranges, index)
+        return ActivationParams(FLOAT, 1.0, 0, (float(lo), float(hi)), choice.source)
+    qt = qtype(choice.qtype if choice is not None and choice.qtype else config.activation_type)
     hit = _group_override(group, config.overrides)
     if hit is not None and hit[1].scale is not None:
         override = hit[1]
@@ -73,19 +89,24 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
     if hit is not None:
         lo, hi = hit[1].range  # type: ignore[misc]
         source = "override"
+    elif choice is not None and choice.range is not None:
+        lo, hi = choice.range
+        source = choice.source
     else:
         lo, hi = group_range(group, ranges, index)
-        source = "calibrated"
+        source = choice.source if choice is not None else "calibrated"
     scale, zp = affine.activation_qparams(lo, hi, qt, symmetric=config.activation_symmetric)
     return ActivationParams(qt.name, float(scale), int(zp), (float(lo), float(hi)), source)
 
 
 def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup, ...],
-               ranges: Mapping[str, tuple[float, float]], config: QuantConfig) -> QuantPlan:
-    """Decide every parameter; see the module docstring."""
+               ranges: Mapping[str, tuple[float, float]], config: QuantConfig,
+               choices: Mapping[int, GroupChoice] | None = None) -> QuantPlan:
+    """Decide every parameter; see the module docstring. ``choices`` replace groups' calibrated ones."""
+    choices = choices or {}
     group_plans = tuple(
         GroupPlan(g.id, g.members, tuple(dict.fromkeys(t.node for t in g.ties)),
-                  group_params(g, ranges, index, config))
+                  group_params(g, ranges, index, config, choices.get(g.id)))
         for g in groups
     )
     plan_groups = {m: gp for gp in group_plans for m in gp.members}
@@ -97,7 +118,9 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
         rule = RULES[node.op_type]
         inputs = tuple(t for _, t in data_inputs(node, rule) if t in plan_groups)
         outputs = tuple(o for o in node.output if o in plan_groups)
-        layers.append(LayerPlan(name, node.op_type, "int8", inputs, outputs))
+        widths = {precision_name(plan_groups[t].params.qtype) for t in inputs + outputs} or {"int8"}
+        precision = next(p for p in (FLOAT, "int16", "int8") if p in widths)
+        layers.append(LayerPlan(name, node.op_type, precision, inputs, outputs))
     dropped = tuple(
         name for name in selection.foldable
         if _fold_is_exact(nodes[name], plan_groups[nodes[name].output[0]].params, index)
@@ -107,6 +130,8 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
 
 def _fold_is_exact(node: onnx.NodeProto, params: ActivationParams, index: GraphIndex) -> bool:
     """Whether clipping to the representable range reproduces the Relu/Clip (to half a step)."""
+    if params.qtype == FLOAT:
+        return False
     if node.op_type == "Relu":
         bound_lo, bound_hi = 0.0, np.inf
     else:
@@ -146,6 +171,15 @@ def _from_model_input(tensor: str, index: GraphIndex) -> bool:
     return True
 
 
+def _integer_kernel_input(node: onnx.NodeProto, groups: Mapping[str, GroupPlan]) -> bool:
+    """Whether the layer's activation input is 8-bit, so that onnxruntime runs it on an integer kernel.
+
+    Only then is its bias quantised to int32; a 16-bit or float input keeps a float bias.
+    """
+    operands = [groups.get(t) for t in node.input[:2] if t in groups] or [None]
+    return all(g is not None and precision_name(g.params.qtype) == "int8" for g in operands)
+
+
 def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan],
                   config: QuantConfig) -> tuple[WeightPlan, ...]:
     wqt = qtype(config.weight_type)
@@ -165,7 +199,7 @@ def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, 
             )
         qmax = affine.OVERFLOW_SAFE_QMAX if _overflow_fix_applies(node, index, groups, config) else wqt.qmax
         scales = affine.weight_scales(w, slot.axis, qmax)
-        bias_slot = biases.get(slot.node)
+        bias_slot = biases.get(slot.node) if _integer_kernel_input(node, groups) else None
         if bias_slot is not None and slot.axis is not None:
             s_in = np.float32(groups[node.input[0]].params.scale)
             scales = affine.bias_safe_scales(scales, w, slot.axis, index.constant(bias_slot.tensor), s_in)
@@ -173,7 +207,7 @@ def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, 
         plans.append(WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
                                 tuple(float(s) for s in scales), qmax=qmax))
     for slot in selection.weights:
-        if slot.kind != BIAS:
+        if slot.kind != BIAS or not _integer_kernel_input(nodes[slot.node], groups):
             continue
         node = nodes[slot.node]
         s_in = np.float32(groups[node.input[0]].params.scale)

@@ -208,3 +208,21 @@ def test_kl_penalises_clipping_and_is_finite() -> None:
     tight = kl_divergence(c, ctr, -1.0, 1.0, 256)
     wide = kl_divergence(c, ctr, -3.5, 3.5, 256)
     assert np.isfinite(tight) and np.isfinite(wide) and tight > wide
+
+
+def test_mse_weight_scales_never_worse_and_clip_long_tails() -> None:
+    rng = np.random.default_rng(5)
+    w = rng.laplace(size=(8, 4096)).astype(np.float32)  # long tails: clipping trades a few for many
+    w[1] = rng.uniform(-1, 1, 4096)  # uniform: nothing to gain from clipping
+    full = affine.weight_scales(w, 0, 127)
+    best = affine.mse_weight_scales(w, 0, 127)
+
+    def err(scales: np.ndarray) -> np.ndarray:
+        q = affine.quantize_weight(w, scales, 0, INT8, 127)
+        return ((w - affine.dequantize(q, scales, 0, axis=0)) ** 2).sum(axis=1)
+
+    assert np.all(err(best) <= err(full) + 1e-9)
+    assert err(best).sum() < err(full).sum()
+    laplace = [c for c in range(8) if c != 1]
+    assert np.count_nonzero(best[laplace] < full[laplace]) >= 5  # most long-tailed channels are clipped
+    assert best[1] >= 0.97 * full[1]

@@ -19,6 +19,7 @@ number of samples and nothing is written to the working directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -166,17 +167,28 @@ def _raw_feeds(calib: Any, specs: Sequence[InputSpec]) -> tuple[Iterable[Any], b
     return calib, False
 
 
+class _Enough(Exception):
+    """max_samples calibration samples have been read."""
+
+
 class FeedSource:
-    """Validated calibration feeds that can be iterated several times (see the module docstring)."""
+    """Validated calibration feeds that can be iterated several times (see the module docstring).
+
+    ``holdout=n`` holds back every n-th sample (indices ``n-1, 2n-1, ...``) from calibration: iterating
+    yields the others, :meth:`held_out` yields those. ``replay`` bounds how many calibration samples
+    later passes may replay; ``max_samples`` how many are read for calibration.
+    """
 
     def __init__(self, calib: Any, specs: Sequence[InputSpec], *, max_samples: int | None = None,
-                 replay: int | None = None, rng: np.random.Generator | None = None) -> None:
+                 replay: int | None = None, holdout: int = 0, rng: np.random.Generator | None = None) -> None:
         self.specs = tuple(specs)
         self.max_samples = max_samples
         self.replay = replay
+        self.holdout = holdout
         self.generated = calib is None
         self._spool: Path | None = None
-        self._spooled = 0
+        self._spooled: list[Path] = []
+        self._held_spooled: list[Path] = []
         if calib is None:
             rng = rng if rng is not None else np.random.default_rng(0)
             self._items: Sequence[Any] | None = generate_feeds(self.specs, GENERATED_SAMPLES, rng)
@@ -185,9 +197,11 @@ class FeedSource:
             raw, reusable = _raw_feeds(calib, self.specs)
             self._items = list(raw) if reusable else None
             self._one_shot = None if reusable else iter(raw)
-        self.num_samples: int | None = len(self._items) if self._items is not None else None
-        if self.num_samples is not None and max_samples is not None:
-            self.num_samples = min(self.num_samples, max_samples)
+        self.num_samples: int | None = None
+        self.num_held_out = 0
+
+    def _held(self, index: int) -> bool:
+        return self.holdout > 0 and index % self.holdout == self.holdout - 1
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Feed]:
@@ -196,16 +210,20 @@ class FeedSource:
         elif self._one_shot is not None:
             yield from self._spool_one_shot()
         else:
-            yield from self._replay()
+            yield from self._replay(self._spooled)
 
     def _iterate_items(self) -> Iterator[Feed]:
-        count = 0
         assert self._items is not None
+        count = held = 0
         for i, raw in enumerate(self._items):
+            if self._held(i):
+                held += 1
+                continue
             if self.max_samples is not None and count >= self.max_samples:
                 break
             yield validate_feed(raw, self.specs, i)
             count += 1
+        self.num_samples, self.num_held_out = count, held
         if count == 0:
             raise EmptyCalibrationError(_EMPTY)
 
@@ -213,45 +231,61 @@ class FeedSource:
         source, self._one_shot = self._one_shot, None
         assert source is not None
         spool = self._spool = Path(tempfile.mkdtemp(prefix="qnnlib-calib-"))
-        read = 0
+        index = count = 0
 
         def store(raw: Any) -> Feed | None:
-            nonlocal read
-            if self.max_samples is not None and read >= self.max_samples:
-                return None
-            feed = validate_feed(raw, self.specs, read)
-            if self.replay is None or read < self.replay:
+            """Validate and spool one sample; None for a held-back one; raises _Enough at max_samples."""
+            nonlocal index, count
+            i, index = index, index + 1
+            feed = validate_feed(raw, self.specs, i)
+            keep = self._held(i)
+            if not keep and self.max_samples is not None and count >= self.max_samples:
+                raise _Enough
+            if keep or self.replay is None or count < self.replay:
+                path = spool / f"{i:08d}.npz"
                 arrays: dict[str, Any] = dict(feed)
-                np.savez(spool / f"{read:08d}.npz", **arrays)
-                self._spooled += 1
-            read += 1
+                np.savez(path, **arrays)
+                (self._held_spooled if keep else self._spooled).append(path)
+            if keep:
+                return None
+            count += 1
             return feed
 
         try:
             for raw in source:
                 feed = store(raw)
-                if feed is None:
-                    break
-                yield feed
+                if feed is not None:
+                    yield feed
+        except _Enough:
+            pass
         except GeneratorExit:  # the reader stopped early: keep what later passes need
-            for raw in source:
-                if (self.replay is not None and read >= self.replay) or store(raw) is None:
-                    break
+            with contextlib.suppress(_Enough):
+                for raw in source:
+                    store(raw)
             raise
         finally:
-            self.num_samples = read
-        if read == 0:
+            self.num_samples, self.num_held_out = count, len(self._held_spooled)
+        if count == 0:
             raise EmptyCalibrationError(_EMPTY)
 
-    def _replay(self) -> Iterator[Feed]:
+    def _replay(self, paths: Sequence[Path]) -> Iterator[Feed]:
         if self._spool is None:
             raise EmptyCalibrationError(_EMPTY)
-        for i in range(self._spooled):
-            with np.load(self._spool / f"{i:08d}.npz") as data:
+        for path in paths:
+            with np.load(path) as data:
                 yield {name: data[name] for name in data.files}
 
+    def held_out(self) -> Iterator[Feed]:
+        """The held-back samples (none unless ``holdout`` was set and the source had enough samples)."""
+        if self._items is not None:
+            for i, raw in enumerate(self._items):
+                if self._held(i):
+                    yield validate_feed(raw, self.specs, i)
+        else:
+            yield from self._replay(self._held_spooled)
+
     def take(self, n: int) -> Iterator[Feed]:
-        """The first ``n`` feeds (all of them when fewer); ``n`` may not exceed ``replay`` on a replay."""
+        """The first ``n`` calibration feeds (all of them when fewer); at most ``replay`` on a replay."""
         if self.replay is not None and n > self.replay and self._one_shot is None and self._items is None:
             raise ValueError(f"only the first {self.replay} samples of a one-shot source are kept, not {n}")
         for i, feed in enumerate(self):

@@ -26,10 +26,17 @@ from onnx import helper, numpy_helper
 from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.names import NameAllocator
+from qnnlib.graph.passes.opset import default_opset
 from qnnlib.numerics import affine
-from qnnlib.numerics.qtypes import qtype
+from qnnlib.numerics.qtypes import FLOAT, precision_name, qtype
 from qnnlib.plan import QuantPlan, WeightPlan
 from qnnlib.version import __version__
+
+
+#: QuantizeLinear/DequantizeLinear take 16-bit types in the ONNX domain from this opset on.
+QDQ_16BIT_OPSET = 21
+#: Below it, onnxruntime's contrib Q/DQ (same semantics) carry 16-bit types.
+CONTRIB_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,8 @@ class _Writer:
     """Collects inserted nodes and initializers around the original nodes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
+        self.opset = default_opset(model)
+        self.uses_contrib_qdq = False
         self.names = NameAllocator(model)
         self.head: list[onnx.NodeProto] = []
         self.before: dict[int, list[onnx.NodeProto]] = {}
@@ -57,9 +66,13 @@ class _Writer:
         return name
 
     def node(self, op: str, inputs: list[str], output_base: str, *, axis: int | None = None,
-             output: str | None = None) -> onnx.NodeProto:
+             output: str | None = None, wide: bool = False) -> onnx.NodeProto:
+        """A node named after its output; ``wide`` Q/DQ (16-bit) go to com.microsoft below opset 21."""
         out = output if output is not None else self.names.fresh(output_base)
-        node = helper.make_node(op, inputs, [out], name=self.names.fresh(f"{out}_{op}"))
+        domain = ""
+        if wide and self.opset < QDQ_16BIT_OPSET:
+            domain, self.uses_contrib_qdq = CONTRIB_DOMAIN, True
+        node = helper.make_node(op, inputs, [out], name=self.names.fresh(f"{out}_{op}"), domain=domain)
         if axis is not None:
             node.attribute.append(helper.make_attribute("axis", axis))
         return node
@@ -74,7 +87,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
     writer = _Writer(out)
     layers = {layer.node for layer in plan.layers}
     quantized_names: dict[str, str] = {}
-    tensors = [m for g in plan.groups for m in g.members]
+    tensors = [m for g in plan.groups if g.params.qtype != FLOAT for m in g.members]
     for tensor in sorted(tensors, key=_order_key(index)):
         if index.is_constant(tensor):
             _emit_constant(index, writer, plan, tensor, layers)
@@ -91,6 +104,8 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
     replace_nodes(out, nodes)
     out.graph.initializer.extend(writer.initializers)
     drop_unused_initializers(out)
+    if writer.uses_contrib_qdq and not any(o.domain == CONTRIB_DOMAIN for o in out.opset_import):
+        out.opset_import.add(domain=CONTRIB_DOMAIN, version=1)
     _stamp(out)
     return Emitted(out, quantized_names)
 
@@ -119,6 +134,11 @@ def _drop_activations(model: onnx.ModelProto, dropped: tuple[str, ...]) -> None:
                 producer.output[i] = act.output[0]
         gone.add(id(act))
     replace_nodes(model, (n for n in model.graph.node if id(n) not in gone))
+
+
+def _is_wide(plan: QuantPlan, tensor: str) -> bool:
+    """Whether ``tensor``'s group is stored in 16 bits (raised precision)."""
+    return precision_name(plan.params(tensor).qtype) == "int16"
 
 
 def _qparams(writer: _Writer, plan: QuantPlan, tensor: str) -> tuple[str, str]:
@@ -151,14 +171,15 @@ def _emit_activation(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor
             if o == tensor:
                 producer.output[i] = source
         readers = uses  # every in-graph reader now reads a DequantizeLinear instead
-    quant = writer.node("QuantizeLinear", [source, scale, zero], f"{tensor}_quantized")
+    wide = _is_wide(plan, tensor)
+    quant = writer.node("QuantizeLinear", [source, scale, zero], f"{tensor}_quantized", wide=wide)
     placed = writer.after.setdefault(id(producer), []) if producer is not None else writer.head
     placed.append(quant)
     q_name = quant.output[0]
     if keep_name:
-        placed.append(writer.node("DequantizeLinear", [q_name, scale, zero], "", output=tensor))
+        placed.append(writer.node("DequantizeLinear", [q_name, scale, zero], "", output=tensor, wide=wide))
     for use in readers:
-        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized")
+        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized", wide=wide)
         use.node.input[use.index] = dq.output[0]
         writer.before.setdefault(id(use.node), []).append(dq)
     return q_name
@@ -175,7 +196,8 @@ def _emit_constant(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor: 
     q_name = writer.constant(f"{tensor}_quantized", value)
     scale, zero = _qparams(writer, plan, tensor)
     for use in readers:
-        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized")
+        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized",
+                         wide=_is_wide(plan, tensor))
         use.node.input[use.index] = dq.output[0]
         writer.before.setdefault(id(use.node), []).append(dq)
 

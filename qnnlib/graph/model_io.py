@@ -157,7 +157,7 @@ def make_session(proto: onnx.ModelProto, *, threads: int | None = None, optimiza
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the caller as SessionError; no duplicate stderr lines
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

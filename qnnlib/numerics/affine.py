@@ -102,6 +102,31 @@ def weight_scales(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
     return scales
 
 
+#: Clipping ratios tried by :func:`mse_weight_scales`.
+CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))
+
+
+def mse_weight_scales(w: np.ndarray, axis: int | None, qmax: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+    """Per channel, ``s[c] = r * max|w[c]| / qmax`` with the ratio ``r`` of least squared error.
+
+    The error of a channel is ``sum (w - s * clip(rint(w / s), -qmax, qmax))^2``; ``r = 1`` (no
+    clipping) is among the candidates, so no channel gets worse than :func:`weight_scales`.
+    """
+    w = np.asarray(w, np.float32)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+    amax = np.max(np.abs(rows), axis=1)
+    best = weight_scales(w, axis, qmax)
+    best_err = np.full(len(amax), np.inf)
+    for ratio in sorted(ratios, reverse=True):
+        scales = (np.float32(ratio) * amax / np.float32(qmax)).astype(np.float32)
+        scales[scales < MIN_SCALE] = 1.0
+        q = np.clip(np.rint(rows / scales[:, None]), -qmax, qmax)
+        err = np.sum((rows - q * scales[:, None]) ** 2, axis=1)
+        better = err < best_err
+        best[better], best_err[better] = scales[better], err[better]
+    return best
+
+
 def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qt: QType, qmax: int) -> np.ndarray:
     """Symmetric weight quantisation ``q = clip(rint(w / s[c]), -qmax, qmax)``, stored in ``qt``."""
     q = quantize(w, scales if axis is not None else scales.reshape(()), 0, qt, axis)

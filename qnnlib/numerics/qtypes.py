@@ -31,9 +31,24 @@ class QType:
 
 UINT8 = QType("uint8", np.uint8, TensorProto.UINT8, 0, 255)
 INT8 = QType("int8", np.int8, TensorProto.INT8, -128, 127)
+UINT16 = QType("uint16", np.uint16, TensorProto.UINT16, 0, 65535)
+INT16 = QType("int16", np.int16, TensorProto.INT16, -32768, 32767)
 INT32 = QType("int32", np.int32, TensorProto.INT32, -(2**31), 2**31 - 1)
 
-QTYPES: dict[str, QType] = {t.name: t for t in (UINT8, INT8, INT32)}
+QTYPES: dict[str, QType] = {t.name: t for t in (UINT8, INT8, UINT16, INT16, INT32)}
+
+#: The precision of a tied group kept in float: no Q/DQ is written for it.
+FLOAT = "float"
+
+#: The 16-bit activation type that goes with each 8-bit one when a group's precision is raised.
+WIDER = {"uint8": "uint16", "int8": "int16"}
+
+
+def precision_name(qtype_name: str) -> str:
+    """How a report names a storage type: ``int8`` for 8-bit, ``int16`` for 16-bit, or ``float``."""
+    if qtype_name == FLOAT:
+        return FLOAT
+    return f"int{np.dtype(QTYPES[qtype_name].np_dtype).itemsize * 8}"
 
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8",)

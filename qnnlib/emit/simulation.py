@@ -1,0 +1,134 @@
+"""A simulation model whose quantisation parameters are inputs: one session, any configuration.
+
+Every quantised activation tensor ``t`` of tied group ``g`` is replaced, for all its readers, by
+
+    t_fq = Where(on_g, (Clip(Round(t / s_g) + z_g, qmin_g, qmax_g) - z_g) * s_g, t)
+
+where ``s_g``, ``z_g``, ``qmin_g``, ``qmax_g`` (float32 scalars) and ``on_g`` (bool scalar) are graph
+inputs. So one onnxruntime session evaluates any scale, zero point, bit width, or on/off choice of
+any group without rebuilding the model. ``Round`` rounds half to even like QuantizeLinear. Weights
+and biases are the plan's quantised values, dequantised, as constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qnnlib.graph.edit import replace_nodes
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.names import NameAllocator
+from qnnlib.numerics import affine
+from qnnlib.numerics.qtypes import FLOAT, qtype
+from qnnlib.plan import ActivationParams, QuantPlan, WeightPlan
+
+#: The graph inputs of one group, in this order: scale, zero point, qmin, qmax, on.
+PARAMETER_FIELDS = ("scale", "zero_point", "qmin", "qmax", "on")
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The simulation model, the names of each group's parameter inputs, and each tensor's simulated name."""
+
+    model: onnx.ModelProto
+    inputs: dict[int, tuple[str, str, str, str, str]]
+    simulated: dict[str, str]
+
+    def feeds(self, params: Mapping[int, ActivationParams], enabled: Container[int]) -> dict[str, np.ndarray]:
+        """Parameter inputs for ``params`` (every group); groups not in ``enabled`` pass values through."""
+        feeds: dict[str, np.ndarray] = {}
+        for gid, names in self.inputs.items():
+            p = params[gid]
+            on = gid in enabled and p.qtype != FLOAT
+            qt = qtype(p.qtype) if p.qtype != FLOAT else None
+            values = (p.scale, p.zero_point, qt.qmin if qt else 0, qt.qmax if qt else 0)
+            for name, value in zip(names[:4], values, strict=True):
+                feeds[name] = np.array(value, np.float32)
+            feeds[names[4]] = np.array(on)
+        return feeds
+
+
+def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
+    """The simulation model of ``plan`` over ``model`` (the normalised float model, unchanged)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out)
+    names = NameAllocator(out)
+    inputs: dict[int, tuple[str, str, str, str, str]] = {}
+    for group in plan.groups:
+        prefix = f"qnnlib_sim_g{group.id}"
+        inputs[group.id] = tuple(names.fresh(f"{prefix}_{field}") for field in PARAMETER_FIELDS)  # type: ignore[assignment]
+        for name in inputs[group.id][:4]:
+            out.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+        out.graph.input.append(helper.make_tensor_value_info(inputs[group.id][4], TensorProto.BOOL, []))
+    _dequantised_weights(out, index, plan, names)
+    simulated: dict[str, str] = {}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    head: list[onnx.NodeProto] = []
+    for group in plan.groups:
+        for member in group.members:
+            producer = index.producer(member)
+            if producer is None and member not in index.graph_inputs and not index.is_constant(member):
+                continue
+            chain, simulated[member] = fake_quant_nodes(member, inputs[group.id], names.fresh)
+            (after.setdefault(id(producer), []) if producer is not None else head).extend(chain)
+    for node in out.graph.node:
+        for i, name in enumerate(node.input):
+            if name in simulated:
+                node.input[i] = simulated[name]
+    nodes = list(head)
+    for node in index.nodes:
+        nodes.append(node)
+        nodes.extend(after.get(id(node), ()))
+    replace_nodes(out, nodes)
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in out.opset_import):
+        raise ValueError("the simulation model needs opset 13 or later (Round, Clip with inputs)")
+    return Simulation(out, inputs, simulated)
+
+
+def fake_quant_nodes(tensor: str, params: Sequence[str], fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], str]:
+    """The nodes computing ``Where(on, (clip(round(t / s) + z, qmin, qmax) - z) * s, t)``; ``fresh`` makes names.
+
+    ``params`` are the names of the scale, zero point, qmin, qmax and on inputs.
+    """
+    scale, zero, qmin, qmax, on = params
+    base = f"{tensor}_sim"
+    steps = [("Div", [tensor, scale]), ("Round", None), ("Add", [None, zero]), ("Clip", [None, qmin, qmax]),
+             ("Sub", [None, zero]), ("Mul", [None, scale])]
+    nodes: list[onnx.NodeProto] = []
+    previous = tensor
+    for op, args in steps:
+        output = fresh(f"{base}_{op.lower()}")
+        inputs = [previous] if args is None else [previous if a is None else a for a in args]
+        nodes.append(helper.make_node(op, inputs, [output], name=fresh(f"{output}_node")))
+        previous = output
+    result = fresh(base)
+    nodes.append(helper.make_node("Where", [on, previous, tensor], [result], name=fresh(f"{result}_node")))
+    return nodes, result
+
+
+def _dequantised_weights(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan, names: NameAllocator) -> None:
+    """Replace each planned weight and bias input by its quantised-then-dequantised value."""
+    nodes = {n.name: n for n in model.graph.node}
+    for wp in plan.weights:
+        node = nodes[wp.node]
+        value = dequantised_weight(index.constant(wp.tensor), wp)
+        name = names.fresh(f"{wp.tensor}_simulated")
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+        node.input[wp.input_index] = name
+
+
+def dequantised_weight(value: np.ndarray, wp: WeightPlan) -> np.ndarray:
+    """The float value a planned weight or bias stands for after quantisation."""
+    value = np.asarray(value, np.float32)
+    scales = np.asarray(wp.scales, np.float32)
+    if wp.kind == "bias":
+        q, _ = affine.quantize_bias(value.reshape(-1), scales)
+        return (q.astype(np.float64) * scales).astype(np.float32).reshape(value.shape)
+    axis = wp.axis if scales.size > 1 else None
+    q = affine.quantize_weight(value, scales if axis is not None else scales.reshape(()), axis, qtype(wp.qtype), wp.qmax)
+    return affine.dequantize(q, scales if axis is not None else scales.reshape(()), 0, axis)

@@ -1,0 +1,1 @@
+"""Optimisation under the user's threshold: activation ranges, weight clipping, precision raising."""
