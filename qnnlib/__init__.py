@@ -18,11 +18,13 @@ from qnnlib.errors import (
     ModelLoadError,
     QnnlibError,
     SessionError,
+    ThresholdError,
     UnsupportedModelError,
 )
 from qnnlib.plan import QuantPlan
 from qnnlib.report import Report
 from qnnlib.result import QuantResult
+from qnnlib.threshold import Threshold
 from qnnlib.version import __version__
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "Report",
     "SessionError",
     "TensorOverride",
+    "Threshold",
+    "ThresholdError",
     "UnsupportedModelError",
     "__version__",
     "quantize",

@@ -1,37 +1,44 @@
-"""``qnnlib.quantize``: load, select, calibrate, plan, emit, verify, report."""
+"""``qnnlib.quantize``: load, select, calibrate, plan, optimise, meet the threshold, emit, verify, report."""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
-from qnnlib.calibration.collect import collect
-from qnnlib.calibration.feeds import FeedSource, input_specs
+from qnnlib.calibration.collect import CalibrationStats, collect
+from qnnlib.calibration.feeds import Feed, FeedSource, InputSpec, input_specs
 from qnnlib.config import QuantConfig
-from qnnlib.emit.qdq import emit_qdq
-from qnnlib.errors import ConfigError
-from qnnlib.evaluate import Fidelity, measure
-from qnnlib.fusion import COMPUTE_OPS, FusionSummary, checked_session
+from qnnlib.emit.qdq import Emitted, emit_qdq
+from qnnlib.errors import ConfigError, ThresholdError
+from qnnlib.evaluate import measure
+from qnnlib.fusion import checked_session
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model, load_model
-from qnnlib.graph.normalize import normalize
+from qnnlib.graph.normalize import NormalizedModel, normalize
 from qnnlib.graph.select import Selection, match_excluded, select
-from qnnlib.graph.tying import tie_groups
-from qnnlib.numerics.qtypes import qtype
+from qnnlib.graph.tying import TiedGroup, tie_groups
+from qnnlib.numerics.qtypes import FLOAT, WIDER, qtype
+from qnnlib.optimize.raising import Evaluator, Outcome, layer_harm, meet_threshold, unchanged
+from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
 from qnnlib.plan import QuantPlan
-from qnnlib.planner import build_plan
-from qnnlib.report import CalibrationReport, FusionReport, GroupReport, LayerReport, OutputReport, Report
+from qnnlib.planner import GroupChoice, build_plan
+from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
-from qnnlib.version import __version__
 
 log = logging.getLogger(__name__)
+
+#: Without validation data, every n-th calibration sample is held back to check the threshold.
+HOLDOUT_EVERY = 4
+#: Calibration samples reused for the threshold check when too few can be held back.
+REUSED_VALIDATION = 16
 
 
 class _Timer:
@@ -49,43 +56,70 @@ class _Timer:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
 
-def quantize(model: ModelLike, calib: Any = None, *, config: QuantConfig | None = None) -> QuantResult:
+@dataclass(frozen=True)
+class _Model:
+    """The normalised float model and what selection made of it."""
+
+    specs: tuple[InputSpec, ...]
+    normalized: NormalizedModel
+    index: GraphIndex
+    selection: Selection
+    groups: tuple[TiedGroup, ...]
+
+    @property
+    def float_model(self) -> onnx.ModelProto:
+        return self.normalized.model
+
+
+def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
+             config: QuantConfig | None = None) -> QuantResult:
     """Quantise a float ONNX model to an int8 QDQ model that onnxruntime runs on integer kernels.
 
     ``model``: a path, bytes or ``onnx.ModelProto`` (never modified). ``calib``: calibration data
     (see :mod:`qnnlib.calibration.feeds` for the accepted forms) or None to generate inputs.
-    Returns a :class:`QuantResult` with ``.model``, ``.report``, ``.plan``, ``.save()``, ``.session()``.
+    ``validation``: data (same forms) on which ``config.threshold`` is checked; without it a part of
+    the calibration data is held back. Returns a :class:`QuantResult` with ``.model``, ``.report``,
+    ``.plan``, ``.save()``, ``.session()``.
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a qnnlib.QuantConfig, got {type(config).__name__}")
     timer = _Timer()
-    with timer("load"):
-        proto = load_model(model)
-        check_model(proto)
-        specs = input_specs(proto)
-    with timer("normalize"):
-        normalized = normalize(proto, fold_batchnorm_nodes=config.fold_batchnorm)
-        float_model = normalized.model
-    with timer("select"):
-        index = GraphIndex(float_model)
-        excluded = _excluded_nodes(index, config)
-        per_channel = config.per_channel and normalized.per_channel_ok
-        selection = select(index, excluded=excluded, per_channel=per_channel)
-        _check_overrides(index, selection, config)
-        groups = tie_groups(selection.activations, selection.ties)
-    qt = qtype(config.activation_type)
-    layer_outputs = _layer_outputs(selection, index)
-    with FeedSource(calib, specs, max_samples=config.max_calibration_samples, replay=config.report_samples,
-                    rng=np.random.default_rng(config.seed)) as feeds:
+    m = _prepare(model, config, timer)
+    holdout = HOLDOUT_EVERY if config.threshold is not None and validation is None else 0
+    replay = max(config.report_samples, config.optimize_samples if config.optimizing else 0)
+    with ExitStack() as stack:
+        feeds = stack.enter_context(FeedSource(calib, m.specs, max_samples=config.max_calibration_samples,
+                                               replay=replay, holdout=holdout,
+                                               rng=np.random.default_rng(config.seed)))
+        given = stack.enter_context(FeedSource(validation, m.specs)) if validation is not None else None
+        layer_outputs = _layer_outputs(m.selection, m.index)
         with timer("calibrate"):
-            stats = collect(float_model, selection.observed(index), feeds, config.calibration, levels=qt.levels,
-                            symmetric=config.activation_symmetric, capture=layer_outputs,
-                            capture_samples=config.report_samples)
+            stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
+                            levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
+                            capture=layer_outputs, capture_samples=config.report_samples)
         with timer("plan"):
-            plan = build_plan(index, selection, groups, stats.ranges, config)
+            plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         with timer("emit"):
-            emitted = emit_qdq(float_model, plan)
+            emitted = emit_qdq(m.float_model, plan)
+        ranges: dict[int, RangeChoice] = {}
+        outcome, validation_note, evaluator = None, "", None
+        if config.threshold is not None:
+            with timer("threshold"):
+                samples, validation_note = _validation(given, feeds)
+                evaluator = Evaluator(config.threshold, m.float_model, samples)
+                outcome = unchanged(evaluator, plan, emitted)  # a calibrated model that meets it is kept as it is
+        if config.optimizing and (outcome is None or not outcome.met or config.optimize):
+            with timer("optimize"):
+                plan, ranges = _optimize(m, plan, stats, list(feeds.take(config.optimize_samples)), config)
+                emitted = emit_qdq(m.float_model, plan)
+        if evaluator is not None and outcome is not None and (ranges or not outcome.met):
+            with timer("threshold"):
+                calibrated = outcome
+                outcome = _meet(m, config, stats, ranges, initial=(plan, emitted), evaluator=evaluator, samples=samples)
+                outcome.initial_value = calibrated.value  # what the calibrated int8 model reached
+                outcome.steps[:0] = calibrated.steps
+                plan, emitted = outcome.plan, outcome.emitted
         with timer("verify"):
             check_model(emitted.model)
             measured = [t for t in layer_outputs if t in emitted.quantized_names] if stats.references else []
@@ -94,21 +128,92 @@ def quantize(model: ModelLike, calib: Any = None, *, config: QuantConfig | None 
         with timer("evaluate"):
             fidelity = measure(session, emitted.quantized_names, plan, feeds=feeds.take(len(stats.references)),
                                references=stats.references, tensors=measured,
-                               outputs=index.graph_outputs) if stats.references else None
-        calibration = CalibrationReport(config.calibration.name, stats.samples, feeds.generated,
-                                        dict(stats.nonfinite))
-    fusion = _fusion_report(summary, index, selection) if summary is not None else None
-    notes = list(normalized.notes)
-    notes += [f"bias {w.tensor!r} of {w.node!r}: {w.clamped} values overflowed int32 and were clamped"
-              for w in plan.weights if w.clamped]
-    if calibration.generated:
-        notes.append("calibration data was GENERATED from the input specification: pass real data for "
-                     "representative ranges")
-    if fusion is not None and not fusion.complete:
-        notes.append(f"onnxruntime left float compute ops: {fusion.float_compute_left}")
-    report = _build_report(config, index, selection, plan, fidelity=fidelity, calibration=calibration,
-                           fusion=fusion, timings=timer.times, notes=notes)
+                               outputs=m.index.graph_outputs) if stats.references else None
+        generated = feeds.generated
+    report = build_report(Phases(config, m.index, m.selection, plan, stats, generated, fidelity, summary, ranges,
+                                 outcome, validation_note, timer.times, tuple(m.normalized.notes)))
+    if outcome is not None and not outcome.met and config.threshold is not None and config.threshold.strict:
+        raise ThresholdError(
+            f"threshold {config.threshold.describe()} not met: the best model reached {outcome.value:.6g} on "
+            f"{validation_note}; allow more precisions (QuantConfig(precisions=...)) or relax the threshold"
+        )
     return QuantResult(emitted.model, report, plan)
+
+
+def _prepare(model: ModelLike, config: QuantConfig, timer: _Timer) -> _Model:
+    with timer("load"):
+        proto = load_model(model)
+        check_model(proto)
+        specs = input_specs(proto)
+    with timer("normalize"):
+        normalized = normalize(proto, fold_batchnorm_nodes=config.fold_batchnorm)
+    with timer("select"):
+        index = GraphIndex(normalized.model)
+        excluded = _excluded_nodes(index, config)
+        selection = select(index, excluded=excluded, per_channel=config.per_channel and normalized.per_channel_ok)
+        _check_overrides(index, selection, config)
+        groups = tie_groups(selection.activations, selection.ties)
+    return _Model(specs, normalized, index, selection, groups)
+
+
+def _optimize(m: _Model, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed],
+              config: QuantConfig) -> tuple[QuantPlan, dict[int, RangeChoice]]:
+    """Search ranges by the error at their readers; rebuild the plan (with weight clipping) on them."""
+    ranges = optimize_ranges(m.float_model, plan, stats.extremes, samples, objective=config.objective,
+                             symmetric=config.activation_symmetric)
+    choices = {gid: GroupChoice(range=c.range) for gid, c in ranges.items() if c.after < c.before}
+    return build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices), ranges
+
+
+def _validation(given: FeedSource | None, feeds: FeedSource) -> tuple[list[Feed], str]:
+    """The samples the threshold is checked on, and how the report names them."""
+    if given is not None:
+        samples = list(given)
+        return samples, f"{len(samples)} validation samples"
+    held = list(feeds.held_out())
+    if held:
+        return held, f"{len(held)} calibration samples held back (every {HOLDOUT_EVERY}th)"
+    samples = list(feeds.take(REUSED_VALIDATION))
+    return samples, f"{len(samples)} calibration samples reused (too few to hold any back; pass validation=)"
+
+
+def _meet(m: _Model, config: QuantConfig, stats: CalibrationStats, ranges: Mapping[int, RangeChoice], *,
+          initial: tuple[QuantPlan, Emitted], evaluator: Evaluator, samples: list[Feed]) -> Outcome:
+    """Raise the most harmful layers until the threshold is met on ``samples``."""
+    assert config.threshold is not None
+    wide = WIDER[config.activation_type]
+    searched = {gid: c.range for gid, c in ranges.items() if c.after < c.before}
+    # a group raised to 16 bits takes its whole observed range: rounding is negligible, clipping is not
+    extents = {g.id: _extent(g.members, stats.extremes) for g in initial[0].groups}
+
+    def build(raised: Mapping[str, str]) -> tuple[QuantPlan, Emitted]:
+        level_of: dict[int, str] = {}
+        plan = initial[0]
+        for layer in plan.layers:
+            level = raised.get(layer.node)
+            for t in (*layer.inputs, *layer.outputs) if level else ():
+                group = plan.group_of(t)
+                if group is not None and level_of.get(group.id) != FLOAT:
+                    level_of[group.id] = FLOAT if level == "float" else wide
+        choices = {gid: GroupChoice(range=extents[gid] if gid in level_of and extents[gid] else searched.get(gid),
+                                    qtype=level_of.get(gid))
+                   for gid in set(searched) | set(level_of)}
+        floats = frozenset(node for node, level in raised.items() if level == "float")
+        wides = frozenset(node for node, level in raised.items() if level == "int16")
+        candidate = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices,
+                               float_layers=floats, wide_layers=wides)
+        return candidate, emit_qdq(m.float_model, candidate)
+
+    levels = [p for p in config.precisions if p != "int8"]
+    measured = _measured_outputs(m.selection, m.index, quantised_only=False)
+    return meet_threshold(evaluator, initial, build,
+                          lambda plan, emitted: layer_harm(m.float_model, emitted, plan, samples, measured), levels)
+
+
+def _extent(members: tuple[str, ...], extremes: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
+    """The union of the observed ``(min, max)`` of the members that were observed."""
+    seen = [extremes[m] for m in members if m in extremes]
+    return (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else None
 
 
 def _excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:
@@ -137,80 +242,18 @@ def _check_overrides(index: GraphIndex, selection: Selection, config: QuantConfi
                           (f"; did you mean {close}?" if close else ""))
 
 
-def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:
-    """Where the report measures each quantised layer: its first output, or its folded activation's."""
+def _measured_outputs(selection: Selection, index: GraphIndex, *, quantised_only: bool = True) -> dict[str, str]:
+    """Where each quantised layer is measured: its first output, or its folded activation's output.
+
+    With ``quantised_only=False`` layers whose output stays float (MatMul, Gemm) are included too.
+    """
     nodes = {n.name: n for n in index.nodes}
     quantised = set(selection.activations)
     activation_of = {nodes[name].input[0]: nodes[name].output[0] for name in selection.foldable}
-    outs = (nodes[name].output[0] for name in selection.layers if nodes[name].output)
-    return list(dict.fromkeys(activation_of.get(o, o) for o in outs if o in quantised))
+    outs = {name: nodes[name].output[0] for name in selection.layers if nodes[name].output}
+    return {name: activation_of.get(o, o) for name, o in outs.items() if o in quantised or not quantised_only}
 
 
-def _fusion_report(summary: FusionSummary, index: GraphIndex, selection: Selection) -> FusionReport:
-    float_compute = sum(1 for n in index.nodes if n.op_type in COMPUTE_OPS and not selection.is_layer(n.name))
-    return FusionReport(summary.integer_kernels, summary.float_compute, float_compute)
-
-
-def _dropped(plan: QuantPlan, nodes: dict[str, onnx.NodeProto], activation_output: str) -> bool:
-    return any(nodes[name].output[0] == activation_output for name in plan.dropped_activations)
-
-
-def _build_report(config: QuantConfig, index: GraphIndex, selection: Selection, plan: QuantPlan, *,
-                  fidelity: Fidelity | None, calibration: CalibrationReport,
-                  fusion: FusionReport | None, timings: dict[str, float], notes: list[str]) -> Report:
-    nodes = {n.name: n for n in index.nodes}
-    folded_into = {name: nodes[name].input[0] for name in plan.dropped_activations}
-    after_fold = {nodes[name].input[0]: nodes[name].output[0] for name in selection.foldable}
-    producers = {t: index.producer(t) for t in folded_into.values()}
-    float_reason = dict(selection.float_nodes)
-    excluded = set(selection.excluded)
-    layer_plans = {layer.node: layer for layer in plan.layers}
-    layers = []
-    for node in index.nodes:
-        lp = layer_plans.get(node.name)
-        if lp is None:
-            reason = "excluded by config" if node.name in excluded else float_reason.get(node.name, "")
-            layers.append(LayerReport(node.name, node.op_type, "float", note=reason))
-            continue
-        out = lp.outputs[0] if lp.outputs else ""
-        note = ""
-        if out in after_fold:
-            out = after_fold[out]
-            note = "activation folded in" if after_fold.get(lp.outputs[0]) and _dropped(plan, nodes, out) else ""
-        if node.name in folded_into:
-            producer = producers[folded_into[node.name]]
-            note = f"dropped: folded into {producer.name!r}" if producer is not None else "dropped"
-        if not out and node.output and index.is_graph_output(node.output[0]):
-            out = node.output[0]
-            note = "float output (integer kernel with float result)"
-        group = plan.group_of(out) if out else None
-        sqnr = None
-        if fidelity is not None and out in fidelity.tensors:
-            sqnr = fidelity.tensors[out].sqnr_db
-        elif fidelity is not None and out in fidelity.outputs:
-            sqnr = fidelity.outputs[out].sqnr_db
-        layers.append(LayerReport(
-            node.name, node.op_type, lp.precision, out,
-            group.params.scale if group else None, group.params.zero_point if group else None,
-            group.id if group else None, sqnr, note,
-        ))
-    groups = tuple(
-        GroupReport(g.id, g.members, g.tied_by, g.params.scale, g.params.zero_point, g.params.range,
-                    len(g.members) - 1)
-        for g in plan.groups
-    )
-    outputs = tuple(
-        OutputReport(name, acc.sqnr_db, acc.cosine, acc.max_abs) for name, acc in fidelity.outputs.items()
-    ) if fidelity is not None else ()
-    return Report(
-        qnnlib_version=__version__,
-        config=config.summary(),
-        calibration=calibration,
-        layers=tuple(layers),
-        groups=groups,
-        outputs=outputs,
-        timings={k: round(v, 4) for k, v in timings.items()},
-        fusion=fusion,
-        notes=tuple(notes),
-        evaluation_samples=fidelity.samples if fidelity is not None else 0,
-    )
+def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:
+    """The tensors the report measures, one per quantised layer (see :func:`_measured_outputs`)."""
+    return list(dict.fromkeys(_measured_outputs(selection, index).values()))

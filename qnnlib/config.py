@@ -10,11 +10,16 @@ from dataclasses import dataclass, field
 from qnnlib.calibration.methods import METHODS, CalibrationMethod, method_from_name
 from qnnlib.errors import ConfigError
 from qnnlib.numerics.qtypes import ACTIVATION_TYPES, WEIGHT_TYPES, qtype
+from qnnlib.threshold import Threshold
 
 #: The calibration method used when none is given (see docs/concepts.md for the measurements).
 DEFAULT_METHOD = "percentile"
 #: Values of QuantConfig.overflow_fix.
 OVERFLOW_FIXES = ("enable", "first_layer", "disable")
+#: Errors the range search can minimise.
+OBJECTIVES = ("mse", "cosine")
+#: Precisions a layer can take (int8 first: every model starts there).
+PRECISIONS = ("int8", "int16", "float")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +68,13 @@ class QuantConfig:
     * ``fold_batchnorm``: fold BatchNormalization into the preceding Conv.
     * ``verify_fusion``: check in onnxruntime's optimised graph that integer kernels replaced the layers.
     * ``seed``: seed for generated calibration data.
+    * ``threshold``: a :class:`~qnnlib.threshold.Threshold` the quantised model must meet on validation
+      data; layers that hurt most are raised to 16-bit, then float, until it is (see docs/threshold.md).
+    * ``optimize``: search each group's range by the error at the layers that read it, and weight
+      clipping by MSE; None (default) means "when a threshold is given".
+    * ``objective``: ``"mse"`` or ``"cosine"``, the error the range search minimises.
+    * ``optimize_samples``: calibration samples the range search uses.
+    * ``precisions``: precisions layers may take: ``"int8"`` and any of ``"int16"``, ``"float"``.
     """
 
     activation_type: str = "uint8"
@@ -79,6 +91,11 @@ class QuantConfig:
     fold_batchnorm: bool = True
     verify_fusion: bool = True
     seed: int = 0
+    threshold: Threshold | None = None
+    optimize: bool | None = None
+    objective: str = "mse"
+    optimize_samples: int = 4
+    precisions: tuple[str, ...] = ("int8", "int16", "float")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -90,6 +107,17 @@ class QuantConfig:
             raise ConfigError(f"max_calibration_samples must be >= 1 or None, got {self.max_calibration_samples}")
         if self.report_samples < 0:
             raise ConfigError(f"report_samples must be >= 0, got {self.report_samples}")
+        if self.threshold is not None and not isinstance(self.threshold, Threshold):
+            raise ConfigError(f"threshold must be a qnnlib.Threshold, got {type(self.threshold).__name__}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.optimize_samples < 1:
+            raise ConfigError(f"optimize_samples must be >= 1, got {self.optimize_samples}")
+        precisions = _names("precisions", self.precisions)
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown or "int8" not in precisions:
+            raise ConfigError(f"precisions must include 'int8' and may add {PRECISIONS[1:]}, got {precisions!r}")
+        object.__setattr__(self, "precisions", precisions)
 
     def _check_types(self) -> None:
         if self.activation_type not in ACTIVATION_TYPES:
@@ -103,6 +131,11 @@ class QuantConfig:
             raise ConfigError(f"weight_type must be one of {WEIGHT_TYPES}, got {self.weight_type!r}")
         if self.overflow_fix not in OVERFLOW_FIXES:
             raise ConfigError(f"overflow_fix must be one of {OVERFLOW_FIXES}, got {self.overflow_fix!r}")
+
+    @property
+    def optimizing(self) -> bool:
+        """Whether ranges and weight clipping are searched: ``optimize``, or a threshold is given."""
+        return self.optimize if self.optimize is not None else self.threshold is not None
 
     @property
     def calibration(self) -> CalibrationMethod:
@@ -123,6 +156,10 @@ class QuantConfig:
             "exclude_op_types": list(self.exclude_op_types),
             "overrides": {k: {f: getattr(v, f) for f in ("range", "scale", "zero_point")}
                           for k, v in self.overrides.items()},
+            "threshold": self.threshold.describe() if self.threshold is not None else None,
+            "optimize": self.optimizing,
+            "objective": self.objective,
+            "precisions": list(self.precisions),
         }
 
 

@@ -22,11 +22,14 @@ from qnnlib.config import QuantConfig, TensorOverride
 from qnnlib.errors import ConfigError
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.rules import RULES, clip_bounds, data_inputs
-from qnnlib.graph.select import BIAS, WEIGHT, Selection
+from qnnlib.graph.select import BIAS, WEIGHT, Selection, WeightSlot
 from qnnlib.graph.tying import TiedGroup
 from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import FLOAT, precision_name, qtype
 from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan, WeightPlan
+
+#: Weight type of a layer raised to 16 bits.
+WIDE_WEIGHT = "int16"
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +103,15 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
 
 
 def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup, ...],
-               ranges: Mapping[str, tuple[float, float]], config: QuantConfig,
-               choices: Mapping[int, GroupChoice] | None = None) -> QuantPlan:
-    """Decide every parameter; see the module docstring. ``choices`` replace groups' calibrated ones."""
+               ranges: Mapping[str, tuple[float, float]], config: QuantConfig, *,
+               choices: Mapping[int, GroupChoice] | None = None,
+               float_layers: frozenset[str] = frozenset(), wide_layers: frozenset[str] = frozenset()) -> QuantPlan:
+    """Decide every parameter; see the module docstring.
+
+    ``choices`` replace groups' calibrated ranges or types; ``float_layers`` keep their weights float;
+    ``wide_layers`` (raised to 16 bits) get int16 weights.
+    With ``config.optimizing`` weight scales come from a per-channel clipping search.
+    """
     choices = choices or {}
     group_plans = tuple(
         GroupPlan(g.id, g.members, tuple(dict.fromkeys(t.node for t in g.ties)),
@@ -110,7 +119,7 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
         for g in groups
     )
     plan_groups = {m: gp for gp in group_plans for m in gp.members}
-    weights = _weight_plans(index, selection, plan_groups, config)
+    weights = _weight_plans(index, selection, plan_groups, config, float_layers=float_layers, wide_layers=wide_layers)
     layers = []
     nodes = {n.name: n for n in index.nodes}
     for name in selection.layers:
@@ -119,6 +128,10 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
         inputs = tuple(t for _, t in data_inputs(node, rule) if t in plan_groups)
         outputs = tuple(o for o in node.output if o in plan_groups)
         widths = {precision_name(plan_groups[t].params.qtype) for t in inputs + outputs} or {"int8"}
+        if name in float_layers:
+            widths.add(FLOAT)
+        elif name in wide_layers:
+            widths.add("int16")
         precision = next(p for p in (FLOAT, "int16", "int8") if p in widths)
         layers.append(LayerPlan(name, node.op_type, precision, inputs, outputs))
     dropped = tuple(
@@ -172,61 +185,85 @@ def _from_model_input(tensor: str, index: GraphIndex) -> bool:
 
 
 def _integer_kernel_input(node: onnx.NodeProto, groups: Mapping[str, GroupPlan]) -> bool:
-    """Whether the layer's activation input is 8-bit, so that onnxruntime runs it on an integer kernel.
+    """Whether the layer's activation inputs are 8-bit, as onnxruntime's integer kernels need.
 
-    Only then is its bias quantised to int32; a 16-bit or float input keeps a float bias.
+    Only a layer with 8-bit inputs and 8-bit weights gets a bias at ``s_in * s_w``; any wider operand
+    makes that scale so small that the bias overflows int32.
     """
     operands = [groups.get(t) for t in node.input[:2] if t in groups] or [None]
     return all(g is not None and precision_name(g.params.qtype) == "int8" for g in operands)
 
 
-def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan],
-                  config: QuantConfig) -> tuple[WeightPlan, ...]:
-    wqt = qtype(config.weight_type)
-    nodes = {n.name: n for n in index.nodes}
-    plans: list[WeightPlan] = []
-    weight_scales: dict[str, np.ndarray] = {}
+@dataclass(frozen=True)
+class _Weights:
+    """What weight planning needs besides the slot: the graph, the groups, the config, the raised layers."""
+
+    index: GraphIndex
+    nodes: Mapping[str, onnx.NodeProto]
+    groups: Mapping[str, GroupPlan]
+    config: QuantConfig
+    wide_layers: frozenset[str]
+
+    def integer_kernel(self, node: onnx.NodeProto) -> bool:
+        """Whether the layer runs on an integer kernel: 8-bit inputs and 8-bit weights."""
+        return _integer_kernel_input(node, self.groups) and node.name not in self.wide_layers
+
+    def constant(self, tensor: str, node: str, kind: str) -> np.ndarray:
+        """A weight or bias value, refused with the node's name when it holds NaN or inf."""
+        value = self.index.constant(tensor).astype(np.float32)
+        if not np.isfinite(value).all():
+            raise ConfigError(
+                f"{kind} {tensor!r} of node {node!r} holds NaN or inf; fix the model, or keep the "
+                f"node in float with QuantConfig(exclude=({node!r},))"
+            )
+        return value
+
+
+def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan], config: QuantConfig, *,
+                  float_layers: frozenset[str], wide_layers: frozenset[str]) -> tuple[WeightPlan, ...]:
+    ctx = _Weights(index, {n.name: n for n in index.nodes}, groups, config, wide_layers)
     biases = {s.node: s for s in selection.weights if s.kind == BIAS}
-    for slot in selection.weights:
-        if slot.kind != WEIGHT:
-            continue
-        node = nodes[slot.node]
-        w = index.constant(slot.tensor).astype(np.float32)
-        if not np.isfinite(w).all():
-            raise ConfigError(
-                f"weight {slot.tensor!r} of node {slot.node!r} holds NaN or inf; fix the model, or keep the "
-                f"node in float with QuantConfig(exclude=({slot.node!r},))"
-            )
-        qmax = affine.OVERFLOW_SAFE_QMAX if _overflow_fix_applies(node, index, groups, config) else wqt.qmax
-        scales = affine.weight_scales(w, slot.axis, qmax)
-        bias_slot = biases.get(slot.node) if _integer_kernel_input(node, groups) else None
-        if bias_slot is not None and slot.axis is not None:
-            s_in = np.float32(groups[node.input[0]].params.scale)
-            scales = affine.bias_safe_scales(scales, w, slot.axis, index.constant(bias_slot.tensor), s_in)
-        weight_scales[slot.node] = scales
-        plans.append(WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
-                                tuple(float(s) for s in scales), qmax=qmax))
-    for slot in selection.weights:
-        if slot.kind != BIAS or not _integer_kernel_input(nodes[slot.node], groups):
-            continue
-        node = nodes[slot.node]
-        s_in = np.float32(groups[node.input[0]].params.scale)
-        if slot.node in weight_scales:
-            s_w = weight_scales[slot.node]
-        else:  # Gemm whose B is an activation: its group's scale
-            s_w = np.array([groups[node.input[1]].params.scale], np.float32)
-        b = index.constant(slot.tensor).astype(np.float32).reshape(-1)
-        if not np.isfinite(b).all():
-            raise ConfigError(
-                f"bias {slot.tensor!r} of node {slot.node!r} holds NaN or inf; fix the model, or keep the "
-                f"node in float with QuantConfig(exclude=({slot.node!r},))"
-            )
-        scales = affine.bias_scales(s_in, s_w)
-        if scales.size == 1 and b.size > 1:
-            scales = np.full(b.shape, scales[0], np.float32)
-        _, clamped = affine.quantize_bias(b, scales)
-        if clamped:
-            log.warning("bias %r of node %r: %d values overflow int32 and are clamped", slot.tensor, slot.node, clamped)
-        plans.append(WeightPlan(slot.node, slot.input_index, slot.tensor, BIAS, "int32", 0,
-                                tuple(float(s) for s in scales), clamped))
-    return tuple(plans)
+    weights = [_weight_plan(ctx, slot, biases.get(slot.node)) for slot in selection.weights
+               if slot.kind == WEIGHT and slot.node not in float_layers]
+    scales = {w.node: np.asarray(w.scales, np.float32) for w in weights}
+    bias_plans = [_bias_plan(ctx, slot, scales.get(slot.node)) for slot in selection.weights
+                  if slot.kind == BIAS and slot.node not in float_layers and ctx.nodes[slot.node].input[0] in groups]
+    return tuple(weights + bias_plans)
+
+
+def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> WeightPlan:
+    """Symmetric per-channel int8 (int16 when raised) scales, clipped by MSE when optimising."""
+    node = ctx.nodes[slot.node]
+    w = ctx.constant(slot.tensor, slot.node, "weight")
+    wqt = qtype(WIDE_WEIGHT if slot.node in ctx.wide_layers else ctx.config.weight_type)
+    qmax = wqt.qmax
+    if wqt.qmax == 127 and _overflow_fix_applies(node, ctx.index, ctx.groups, ctx.config):
+        qmax = affine.OVERFLOW_SAFE_QMAX
+    scales = (affine.mse_weight_scales if ctx.config.optimizing else affine.weight_scales)(w, slot.axis, qmax)
+    if bias is not None and slot.axis is not None and ctx.integer_kernel(node):
+        s_in = np.float32(ctx.groups[node.input[0]].params.scale)
+        scales = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)
+    return WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
+                      tuple(float(s) for s in scales), qmax=qmax)
+
+
+def _bias_plan(ctx: _Weights, slot: WeightSlot, weight_scales: np.ndarray | None) -> WeightPlan:
+    """An int32 bias: at ``s_in * s_w`` for integer kernels, else at a scale of its own."""
+    node = ctx.nodes[slot.node]
+    b = ctx.constant(slot.tensor, slot.node, "bias").reshape(-1)
+    if ctx.integer_kernel(node):
+        s_in = np.float32(ctx.groups[node.input[0]].params.scale)
+        if weight_scales is None:  # Gemm whose B is an activation: its group's scale
+            weight_scales = np.array([ctx.groups[node.input[1]].params.scale], np.float32)
+        scales = affine.bias_scales(s_in, weight_scales)
+    else:
+        # The layer runs in float. onnxruntime would quantise a float bias between Q/DQ nodes itself,
+        # at s_in * s_w, which overflows int32 for 16-bit operands: give it an int32 bias of its own.
+        scales = affine.standalone_bias_scales(b)
+    if scales.size == 1 and b.size > 1:
+        scales = np.full(b.shape, scales[0], np.float32)
+    _, clamped = affine.quantize_bias(b, scales)
+    if clamped:
+        log.warning("bias %r of node %r: %d values overflow int32 and are clamped", slot.tensor, slot.node, clamped)
+    return WeightPlan(slot.node, slot.input_index, slot.tensor, BIAS, "int32", 0, tuple(float(s) for s in scales),
+                      clamped)

@@ -15,7 +15,12 @@ from typing import Any
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One node of the model: its precision and, when quantised, its output's parameters and SQNR."""
+    """One node of the model: its precision and, when quantised, its output's parameters and SQNR.
+
+    With optimisation: ``range`` is the output group's chosen range, and ``error_before_db`` /
+    ``error_after_db`` the range search's error E at the readers of that group, as ``10 log10(1/E)``
+    for the calibrated and the chosen range. ``raised`` says why the layer was raised, if it was.
+    """
 
     node: str
     op_type: str
@@ -26,6 +31,10 @@ class LayerReport:
     group: int | None = None
     sqnr_db: float | None = None
     note: str = ""
+    range: tuple[float, float] | None = None
+    error_before_db: float | None = None
+    error_after_db: float | None = None
+    raised: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,31 @@ class FusionReport:
 
 
 @dataclass(frozen=True)
+class ThresholdStep:
+    """One candidate measured while meeting the threshold."""
+
+    raised: int
+    level: str
+    value: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class ThresholdReport:
+    """The threshold, the figure reached on validation data, and how it was reached."""
+
+    requirement: str
+    value: float
+    met: bool
+    initial_value: float
+    float_score: float | None
+    validation: str
+    raised: dict[str, str]
+    steps: tuple[ThresholdStep, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything :func:`qnnlib.quantize` did and measured."""
 
@@ -94,6 +128,17 @@ class Report:
     fusion: FusionReport | None
     notes: tuple[str, ...]
     evaluation_samples: int
+    threshold: ThresholdReport | None = None
+
+    @property
+    def threshold_met(self) -> bool | None:
+        """Whether the threshold was met on validation data; None when none was set."""
+        return None if self.threshold is None else self.threshold.met
+
+    @property
+    def layers_above_int8(self) -> tuple[LayerReport, ...]:
+        """Quantised-capable layers that run in 16 bits or were raised to float."""
+        return tuple(x for x in self.layers if x.precision == "int16" or x.raised)
 
     @property
     def requantizations_avoided(self) -> int:
@@ -144,6 +189,13 @@ class Report:
             left = ", ".join(f"{op} x{n}" for op, n in self.fusion.float_compute_left.items())
             if left:
                 lines.append(f"float compute ops left by onnxruntime: {left}")
+        if self.threshold is not None:
+            t = self.threshold
+            verdict = "MET" if t.met else "NOT MET"
+            lines.append(f"threshold {t.requirement}: {verdict} with {t.value:.6g} on {t.validation} "
+                         f"(int8 gave {t.initial_value:.6g}; {len(t.raised)} layers raised; {t.seconds:.1f}s)")
+            for node, level in t.raised.items():
+                lines.append(f"  raised {node} to {level}")
         lines.append(f"tied groups: {len(self.groups)}; requantisations avoided: {self.requantizations_avoided}")
         worst = self.worst_layers(3)
         if worst:

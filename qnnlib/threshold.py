@@ -52,13 +52,19 @@ class Threshold:
         if (self.metric is None) == (self.eval_fn is None):
             raise ConfigError("Threshold needs exactly one of metric=... or eval_fn=...")
         if self.eval_fn is not None:
-            if not callable(self.eval_fn):
-                raise ConfigError("Threshold.eval_fn must be callable: f(onnxruntime session) -> score")
-            if self.max_drop is None or not math.isfinite(self.max_drop) or self.max_drop < 0:
-                raise ConfigError("Threshold(eval_fn=...) needs max_drop >= 0, the allowed drop from the float score")
-            if self.min is not None or self.max is not None:
-                raise ConfigError("Threshold(eval_fn=...) takes max_drop, not min or max")
-            return
+            self._check_eval_fn()
+        else:
+            self._check_metric()
+
+    def _check_eval_fn(self) -> None:
+        if not callable(self.eval_fn):
+            raise ConfigError("Threshold.eval_fn must be callable: f(onnxruntime session) -> score")
+        if self.max_drop is None or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise ConfigError("Threshold(eval_fn=...) needs max_drop >= 0, the allowed drop from the float score")
+        if self.min is not None or self.max is not None:
+            raise ConfigError("Threshold(eval_fn=...) takes max_drop, not min or max")
+
+    def _check_metric(self) -> None:
         if self.metric in HIGHER_IS_BETTER:
             if self.min is None or self.max is not None:
                 raise ConfigError(f"Threshold(metric={self.metric!r}) needs min=..., the lowest acceptable value")
@@ -104,7 +110,8 @@ class Threshold:
         return a < b if self.metric in LOWER_IS_BETTER else a > b
 
 
-def output_metric(metric: str, reference: Sequence[Sequence[np.ndarray]], test: Sequence[Sequence[np.ndarray]]) -> float:
+def output_metric(metric: str, reference: Sequence[Sequence[np.ndarray]],
+                  test: Sequence[Sequence[np.ndarray]]) -> float:
     """``metric`` of the quantised outputs ``test`` against the float ``reference``, one list per sample."""
     pairs = [(np.concatenate([np.asarray(o, np.float64).ravel() for o in r]),
               np.concatenate([np.asarray(o, np.float64).ravel() for o in t]))

@@ -54,6 +54,7 @@ class CalibrationStats:
     samples: int
     nonfinite: dict[str, int] = field(default_factory=dict)
     references: list[Reference] = field(default_factory=list)
+    extremes: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, method: CalibrationMethod,
@@ -105,7 +106,8 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
             consume(pending.result())
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
-    return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references)
+    extremes = {t: (float(o.min_), float(o.max_)) for t, o in observers.items() if np.isfinite(o.min_)}
+    return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes)
 
 
 def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int], *,

@@ -167,7 +167,7 @@ def _raw_feeds(calib: Any, specs: Sequence[InputSpec]) -> tuple[Iterable[Any], b
     return calib, False
 
 
-class _Enough(Exception):
+class _LimitReachedError(Exception):
     """max_samples calibration samples have been read."""
 
 
@@ -234,13 +234,13 @@ class FeedSource:
         index = count = 0
 
         def store(raw: Any) -> Feed | None:
-            """Validate and spool one sample; None for a held-back one; raises _Enough at max_samples."""
+            """Validate and spool one sample; None for a held-back one; raises _LimitReachedError at max_samples."""
             nonlocal index, count
             i, index = index, index + 1
             feed = validate_feed(raw, self.specs, i)
             keep = self._held(i)
             if not keep and self.max_samples is not None and count >= self.max_samples:
-                raise _Enough
+                raise _LimitReachedError
             if keep or self.replay is None or count < self.replay:
                 path = spool / f"{i:08d}.npz"
                 arrays: dict[str, Any] = dict(feed)
@@ -256,10 +256,10 @@ class FeedSource:
                 feed = store(raw)
                 if feed is not None:
                     yield feed
-        except _Enough:
+        except _LimitReachedError:
             pass
         except GeneratorExit:  # the reader stopped early: keep what later passes need
-            with contextlib.suppress(_Enough):
+            with contextlib.suppress(_LimitReachedError):
                 for raw in source:
                     store(raw)
             raise

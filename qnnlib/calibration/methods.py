@@ -25,7 +25,10 @@ HISTOGRAM_VALUES_PER_BATCH = 1 << 12
 
 
 class Observer(Protocol):
-    """Learns a tensor's statistics batch by batch."""
+    """Learns a tensor's statistics batch by batch; ``min_`` and ``max_`` are the extremes seen."""
+
+    min_: float
+    max_: float
 
     def update(self, x: np.ndarray, lo: float, hi: float) -> None:
         """Add one batch of finite values ``x`` (flat) whose min and max are ``lo`` and ``hi``."""

@@ -32,7 +32,6 @@ from qnnlib.numerics.qtypes import FLOAT, precision_name, qtype
 from qnnlib.plan import QuantPlan, WeightPlan
 from qnnlib.version import __version__
 
-
 #: QuantizeLinear/DequantizeLinear take 16-bit types in the ONNX domain from this opset on.
 QDQ_16BIT_OPSET = 21
 #: Below it, onnxruntime's contrib Q/DQ (same semantics) carry 16-bit types.
@@ -213,7 +212,8 @@ def _emit_weights(index: GraphIndex, writer: _Writer, plan: QuantPlan) -> None:
             cache[key] = _quantized_weight(index, writer, wp, scales)
         q_name, scale, zero = cache[key]
         axis = wp.axis if scales.size > 1 else None
-        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{wp.tensor}_dequantized", axis=axis)
+        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{wp.tensor}_dequantized", axis=axis,
+                         wide=wp.kind == "weight" and precision_name(wp.qtype) == "int16")
         node.input[wp.input_index] = dq.output[0]
         writer.before.setdefault(id(node), []).append(dq)
 

@@ -90,7 +90,8 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
     return Simulation(out, inputs, simulated)
 
 
-def fake_quant_nodes(tensor: str, params: Sequence[str], fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], str]:
+def fake_quant_nodes(tensor: str, params: Sequence[str],
+                     fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], str]:
     """The nodes computing ``Where(on, (clip(round(t / s) + z, qmin, qmax) - z) * s, t)``; ``fresh`` makes names.
 
     ``params`` are the names of the scale, zero point, qmin, qmax and on inputs.
@@ -130,5 +131,6 @@ def dequantised_weight(value: np.ndarray, wp: WeightPlan) -> np.ndarray:
         q, _ = affine.quantize_bias(value.reshape(-1), scales)
         return (q.astype(np.float64) * scales).astype(np.float32).reshape(value.shape)
     axis = wp.axis if scales.size > 1 else None
-    q = affine.quantize_weight(value, scales if axis is not None else scales.reshape(()), axis, qtype(wp.qtype), wp.qmax)
-    return affine.dequantize(q, scales if axis is not None else scales.reshape(()), 0, axis)
+    shaped = scales if axis is not None else scales.reshape(())
+    q = affine.quantize_weight(value, shaped, axis, qtype(wp.qtype), wp.qmax)
+    return affine.dequantize(q, shaped, 0, axis)

@@ -106,7 +106,8 @@ def weight_scales(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
 CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))
 
 
-def mse_weight_scales(w: np.ndarray, axis: int | None, qmax: int, ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
+def mse_weight_scales(w: np.ndarray, axis: int | None, qmax: int,
+                      ratios: tuple[float, ...] = CLIP_RATIOS) -> np.ndarray:
     """Per channel, ``s[c] = r * max|w[c]| / qmax`` with the ratio ``r`` of least squared error.
 
     The error of a channel is ``sum (w - s * clip(rint(w / s), -qmax, qmax))^2``; ``r = 1`` (no
@@ -136,6 +137,16 @@ def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qt: QTy
 def bias_scales(input_scale: np.float32, w_scales: np.ndarray) -> np.ndarray:
     """Bias scale ``s_b[c] = f32(s_in * s_w[c])``, the scale an integer kernel accumulates in."""
     return (np.float32(input_scale) * np.asarray(w_scales, np.float32)).astype(np.float32)
+
+
+def standalone_bias_scales(b: np.ndarray) -> np.ndarray:
+    """Per-channel int32 scales ``s[c] = |b[c]| / 2**30`` (1 where ``b[c] = 0``): a bias kept to 30 bits.
+
+    For layers that do not run on an integer kernel, whose bias need not share ``s_in * s_w``.
+    """
+    scales = (np.abs(np.asarray(b, np.float64)).reshape(-1) / 2.0**30).astype(np.float32)
+    scales[scales < MIN_SCALE] = 1.0
+    return scales
 
 
 def quantize_bias(b: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, int]:

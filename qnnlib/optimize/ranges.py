@@ -12,9 +12,12 @@ of least error
 
 (or ``sum (1 - cosine)`` with ``objective="cosine"``) is kept. Both sides see the same quantised
 upstream, so E is the damage this group's quantisation does where its values are used, not the
-error accumulated before it (with that, shrinking a range towards zero can look like a gain). Candidates scale the group's observed
-``[min, max]`` by one factor (a grid, then scipy's bounded scalar search around the best point), and
-then move each end alone. The calibrated range stays unless a candidate lowers E by ``MIN_GAIN``.
+error accumulated before it (with that, shrinking a range towards zero can look like a gain).
+
+Candidates scale the group's observed ``[min, max]`` by one factor (a grid, then scipy's bounded
+scalar search around the best point), then move each end alone. The calibrated range stays unless
+a candidate lowers E by ``MIN_GAIN``; a group whose calibrated range costs less than ``NEGLIGIBLE``
+is not searched.
 
 Reading layers are the nodes that read a member of the group without writing another member, so a
 range is judged where its values are used: after a MaxPool or a Concat, and at an SE block's Mul,
@@ -48,6 +51,8 @@ Feed = dict[str, np.ndarray]
 CHUNK = 16
 #: Scale factors tried first, as fractions of the observed range.
 GRID = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
+#: Half-width of the refinement around the best grid factor.
+REFINE_STEP = 0.15
 #: Evaluations of each bounded scalar search.
 SEARCH_STEPS = 5
 #: A searched range replaces the calibrated one only if it lowers E by at least this share: smaller
@@ -95,17 +100,19 @@ def optimize_ranges(float_model: onnx.ModelProto, plan: QuantPlan, extremes: Map
     if not todo:
         return {}
     captured = sorted({n for g in todo for r in readers[g.id] for n in (*r.members, *r.others)})
-    sim_session = make_session(with_outputs(sim.model, captured), optimization="basic", log_errors_as="simulation model")
+    sim_session = make_session(with_outputs(sim.model, captured), optimization="basic",
+                               log_errors_as="simulation model")
     params = {g.id: g.params for g in plan.groups}
     done: set[int] = set()
     choices: dict[int, RangeChoice] = {}
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
         names = sorted({n for g in chunk for r in readers[g.id] for n in (*r.members, *r.others)})
-        values = [dict(zip(names, sim_session.run(names, {**f, **sim.feeds(params, done)}), strict=True)) for f in feeds]
+        values = [dict(zip(names, sim_session.run(names, {**f, **sim.feeds(params, done)}), strict=True))
+                  for f in feeds]
         for group in chunk:
-            choice = _search(group, readers[group.id], sim, constants, values,
-                             _extent(group, extremes), objective, symmetric)  # type: ignore[arg-type]
+            local = _LocalModel(group, readers[group.id], sim, constants, objective=objective, symmetric=symmetric)
+            choice = _search(local, values, _extent(group, extremes))  # type: ignore[arg-type]
             choices[group.id] = choice
             params[group.id] = _params(group.params, choice.range, symmetric)
             done.add(group.id)
@@ -150,9 +157,10 @@ def _params(base: ActivationParams, rng: tuple[float, float], symmetric: bool) -
 class _LocalModel:
     """A group's fake quantisation feeding its readers; evaluates E for a candidate range."""
 
-    def __init__(self, group: GroupPlan, readers: list[_Reader], sim: Simulation, constants: set[str],
+    def __init__(self, group: GroupPlan, readers: list[_Reader], sim: Simulation, constants: set[str], *,
                  objective: str, symmetric: bool) -> None:
         self.group = group
+        self.readers = tuple(r.node.name for r in readers)
         self.objective = objective
         self.symmetric = symmetric
         param_names = sim.inputs[group.id]
@@ -203,21 +211,21 @@ class _LocalModel:
         """The readers' outputs on one sample: fixed-point at ``rng``, or float when ``rng`` is None."""
         p = _params(self.group.params, rng or (0.0, 1.0), self.symmetric)
         qt = qtype(p.qtype)
-        params = dict(zip(self.param_names, (np.array(v, np.float32) for v in (p.scale, p.zero_point, qt.qmin, qt.qmax)),
-                          strict=False))
+        values = (p.scale, p.zero_point, qt.qmin, qt.qmax)
+        params = {name: np.array(v, np.float32) for name, v in zip(self.param_names, values, strict=False)}
         params[self.param_names[4]] = np.array(rng is not None)
         return self.session.run(list(self.outputs), {**{n: value[n] for n in self.feed_names}, **params})
 
     def error(self, rng: tuple[float, float], values: Sequence[Feed], targets: Sequence[list[np.ndarray]]) -> float:
         """E at ``rng`` against the readers' float outputs ``targets`` (one list per sample)."""
         total = 0.0
-        noise = {o: 0.0 for o in self.outputs}
-        signal = {o: 0.0 for o in self.outputs}
+        noise = dict.fromkeys(self.outputs, 0.0)
+        signal = dict.fromkeys(self.outputs, 0.0)
         for value, target in zip(values, targets, strict=True):
             got = self.run(value, rng)
-            for name, y, t in zip(self.outputs, got, target, strict=True):
+            for name, out, t in zip(self.outputs, got, target, strict=True):
                 ref = np.asarray(t, np.float32).reshape(-1)
-                y = np.asarray(y, np.float32).reshape(-1)
+                y = np.asarray(out, np.float32).reshape(-1)
                 if self.objective == "cosine":
                     denom = float(np.linalg.norm(ref) * np.linalg.norm(y))
                     total += 1.0 - (float(ref @ y) / denom if denom else 1.0)
@@ -249,14 +257,14 @@ def _stacked(local: _LocalModel, values: Sequence[Feed]) -> list[Feed]:
             return list(values)
     try:
         local.run(batch, None)
-    except Exception:  # noqa: BLE001 - onnxruntime rejects the batch: fall back to single samples
+    except Exception:
         return list(values)
     return [batch]
 
 
-def _search(group: GroupPlan, readers: list[_Reader], sim: Simulation, constants: set[str],
-            values: Sequence[Feed], extent: tuple[float, float], objective: str, symmetric: bool) -> RangeChoice:
-    local = _LocalModel(group, readers, sim, constants, objective, symmetric)
+def _search(local: _LocalModel, values: Sequence[Feed], extent: tuple[float, float]) -> RangeChoice:
+    """The range of least E for ``local``'s group (the calibrated one unless a candidate gains enough)."""
+    group = local.group
     values = _stacked(local, values)
     targets = [local.run(v, None) for v in values]
     lo_x, hi_x = min(extent[0], 0.0), max(extent[1], 0.0)
@@ -271,13 +279,13 @@ def _search(group: GroupPlan, readers: list[_Reader], sim: Simulation, constants
     calibrated = tuple(group.params.range)
     before = error(*calibrated)
     if before < NEGLIGIBLE:
-        return RangeChoice(group.id, (float(calibrated[0]), float(calibrated[1])), before, before,
-                           tuple(r.node.name for r in readers))
+        return RangeChoice(group.id, (float(calibrated[0]), float(calibrated[1])), before, before, local.readers)
     best = min(((a * lo_x, a * hi_x) for a in GRID), key=lambda r: error(*r))
     alpha = best[1] / hi_x if hi_x > 0 else best[0] / lo_x
-    step = 0.15
-    refined = minimize_scalar(lambda a: error(a * lo_x, a * hi_x), bounds=(max(alpha - step, 0.01), min(alpha + step, 1.0)),
-                              method="bounded", options={"maxiter": SEARCH_STEPS, "xatol": 1e-3})
+    step = REFINE_STEP
+    bounds = (max(alpha - step, 0.01), min(alpha + step, 1.0))
+    refined = minimize_scalar(lambda a: error(a * lo_x, a * hi_x), bounds=bounds, method="bounded",
+                              options={"maxiter": SEARCH_STEPS, "xatol": 1e-3})
     lo, hi = refined.x * lo_x, refined.x * hi_x
     if error(lo, hi) > error(*best):
         lo, hi = best
@@ -291,4 +299,4 @@ def _search(group: GroupPlan, readers: list[_Reader], sim: Simulation, constants
         lo = float(bottom.x) if error(bottom.x, hi) < error(lo, hi) else lo
     gain = error(lo, hi) < (1.0 - MIN_GAIN) * before
     chosen = (float(lo), float(hi)) if gain else (float(calibrated[0]), float(calibrated[1]))
-    return RangeChoice(group.id, chosen, before, error(*chosen), tuple(r.node.name for r in readers))
+    return RangeChoice(group.id, chosen, before, error(*chosen), local.readers)

@@ -1,0 +1,164 @@
+"""Assemble the :class:`~qnnlib.report.Report` from what each phase of :func:`qnnlib.quantize` produced."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from qnnlib.calibration.collect import CalibrationStats
+from qnnlib.config import QuantConfig
+from qnnlib.evaluate import Fidelity
+from qnnlib.fusion import COMPUTE_OPS, FusionSummary
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.select import Selection
+from qnnlib.optimize.raising import Outcome
+from qnnlib.optimize.ranges import RangeChoice
+from qnnlib.plan import QuantPlan
+from qnnlib.report import (
+    CalibrationReport,
+    FusionReport,
+    GroupReport,
+    LayerReport,
+    OutputReport,
+    Report,
+    ThresholdReport,
+    ThresholdStep,
+)
+from qnnlib.version import __version__
+
+
+@dataclass(frozen=True)
+class Phases:
+    """What the phases of one quantisation produced, for the report."""
+
+    config: QuantConfig
+    index: GraphIndex
+    selection: Selection
+    plan: QuantPlan
+    stats: CalibrationStats
+    generated: bool
+    fidelity: Fidelity | None
+    fusion: FusionSummary | None
+    ranges: Mapping[int, RangeChoice]
+    threshold: Outcome | None
+    validation: str
+    timings: Mapping[str, float]
+    notes: tuple[str, ...]
+
+
+def build_report(p: Phases) -> Report:
+    """The report of one quantisation."""
+    fusion = _fusion(p.fusion, p.index, p.selection, p.plan) if p.fusion is not None else None
+    notes = list(p.notes)
+    notes += [f"bias {w.tensor!r} of {w.node!r}: {w.clamped} values overflowed int32 and were clamped"
+              for w in p.plan.weights if w.clamped]
+    if p.generated:
+        notes.append("calibration data was GENERATED from the input specification: pass real data for "
+                     "representative ranges")
+    if fusion is not None and not fusion.complete:
+        notes.append(f"onnxruntime left float compute ops: {fusion.float_compute_left}")
+    fidelity = p.fidelity
+    return Report(
+        qnnlib_version=__version__,
+        config=p.config.summary(),
+        calibration=CalibrationReport(p.config.calibration.name, p.stats.samples, p.generated, dict(p.stats.nonfinite)),
+        layers=_layers(p),
+        groups=tuple(GroupReport(g.id, g.members, g.tied_by, g.params.scale, g.params.zero_point, g.params.range,
+                                 len(g.members) - 1) for g in p.plan.groups),
+        outputs=tuple(OutputReport(name, acc.sqnr_db, acc.cosine, acc.max_abs)
+                      for name, acc in fidelity.outputs.items()) if fidelity is not None else (),
+        timings={k: round(v, 4) for k, v in p.timings.items()},
+        fusion=fusion,
+        notes=tuple(notes),
+        evaluation_samples=fidelity.samples if fidelity is not None else 0,
+        threshold=_threshold(p.threshold, p.validation, p.config) if p.threshold is not None else None,
+    )
+
+
+def _fusion(summary: FusionSummary, index: GraphIndex, selection: Selection, plan: QuantPlan) -> FusionReport:
+    """Float compute ops are expected for layers kept float and for layers raised above int8."""
+    raised = {layer.node for layer in plan.layers if layer.precision != "int8"}
+    float_compute = sum(1 for n in index.nodes
+                        if n.op_type in COMPUTE_OPS and (not selection.is_layer(n.name) or n.name in raised))
+    return FusionReport(summary.integer_kernels, summary.float_compute, float_compute)
+
+
+def _threshold(outcome: Outcome, validation: str, config: QuantConfig) -> ThresholdReport:
+    assert config.threshold is not None
+    return ThresholdReport(
+        requirement=config.threshold.describe(), value=outcome.value, met=outcome.met,
+        initial_value=outcome.initial_value, float_score=outcome.float_score, validation=validation,
+        raised=dict(outcome.raised),
+        steps=tuple(ThresholdStep(s.raised, s.level, s.value, s.met) for s in outcome.steps),
+        seconds=round(outcome.seconds, 3),
+    )
+
+
+def _db(error: float) -> float:
+    return math.inf if error <= 0 else 10 * math.log10(1 / error)
+
+
+def _layers(p: Phases) -> tuple[LayerReport, ...]:
+    index, plan, selection = p.index, p.plan, p.selection
+    nodes = {n.name: n for n in index.nodes}
+    folded_into = {name: nodes[name].input[0] for name in plan.dropped_activations}
+    after_fold = {nodes[name].input[0]: nodes[name].output[0] for name in selection.foldable}
+    float_reason = dict(selection.float_nodes)
+    excluded = set(selection.excluded)
+    layer_plans = {layer.node: layer for layer in plan.layers}
+    raised = p.threshold.raised if p.threshold is not None else {}
+    harm = p.threshold.harm if p.threshold is not None else {}
+    layers = []
+    for node in index.nodes:
+        lp = layer_plans.get(node.name)
+        if lp is None:
+            reason = "excluded by config" if node.name in excluded else float_reason.get(node.name, "")
+            layers.append(LayerReport(node.name, node.op_type, "float", note=reason))
+            continue
+        out, note = _measured_output(node, lp.outputs, index, plan, after_fold=after_fold, folded_into=folded_into)
+        group = plan.group_of(out) if out else None
+        search = p.ranges.get(group.id) if group is not None else None
+        why = ""
+        if node.name in raised:
+            why = (f"{raised[node.name]}: added {100 * harm.get(node.name, 0.0):.2g}% relative noise "
+                   "at its output, the most of the layers left")
+        layers.append(LayerReport(
+            node.name, node.op_type, lp.precision, out,
+            group.params.scale if group else None, group.params.zero_point if group else None,
+            group.id if group else None, _sqnr(p.fidelity, out), note,
+            range=tuple(group.params.range) if group else None,  # type: ignore[arg-type]
+            error_before_db=_db(search.before) if search else None,
+            error_after_db=_db(search.after) if search else None,
+            raised=why,
+        ))
+    return tuple(layers)
+
+
+def _measured_output(node: onnx.NodeProto, outputs: tuple[str, ...], index: GraphIndex, plan: QuantPlan, *,
+                     after_fold: Mapping[str, str], folded_into: Mapping[str, str]) -> tuple[str, str]:
+    """The tensor where a layer is measured (its folded activation's output, or its float output) and a note."""
+    out = outputs[0] if outputs else ""
+    note = ""
+    if out in after_fold:
+        out = after_fold[out]
+        if any(name for name in plan.dropped_activations if folded_into[name] == outputs[0]):
+            note = "activation folded in"
+    if node.name in folded_into:
+        producer = index.producer(folded_into[node.name])
+        note = f"dropped: folded into {producer.name!r}" if producer is not None else "dropped"
+    if not out and node.output and index.is_graph_output(node.output[0]):
+        out, note = node.output[0], "float output (integer kernel with float result)"
+    return out, note
+
+
+def _sqnr(fidelity: Fidelity | None, tensor: str) -> float | None:
+    if fidelity is None or not tensor:
+        return None
+    if tensor in fidelity.tensors:
+        return fidelity.tensors[tensor].sqnr_db
+    if tensor in fidelity.outputs:
+        return fidelity.outputs[tensor].sqnr_db
+    return None
