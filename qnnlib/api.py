@@ -25,10 +25,20 @@ from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
 from qnnlib.graph.select import Selection, match_excluded, select
 from qnnlib.graph.tying import TiedGroup, tie_groups
+from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import FLOAT, WIDER, qtype
-from qnnlib.optimize.raising import Evaluator, Outcome, layer_harm, meet_threshold, unchanged
+from qnnlib.optimize.bias import bias_corrections
+from qnnlib.optimize.raising import (
+    HARM_SAMPLES,
+    Evaluator,
+    Outcome,
+    group_harm,
+    meet_threshold,
+    raised_layers,
+    unchanged,
+)
 from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
-from qnnlib.plan import QuantPlan
+from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
@@ -39,6 +49,10 @@ log = logging.getLogger(__name__)
 HOLDOUT_EVERY = 4
 #: Calibration samples reused for the threshold check when too few can be held back.
 REUSED_VALIDATION = 16
+#: A group raised to 16 bits covers this multiple of its observed extent: inputs beyond what
+#: calibration saw would otherwise clip, and clipping, not rounding, then limits the error; one
+#: bit of the sixteen pays for the doubled range.
+RAISED_MARGIN = 2.0
 
 
 class _Timer:
@@ -103,6 +117,7 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
         with timer("emit"):
             emitted = emit_qdq(m.float_model, plan)
         ranges: dict[int, RangeChoice] = {}
+        corrections: dict[str, np.ndarray] = {}
         outcome, validation_note, evaluator = None, "", None
         if config.threshold is not None:
             with timer("threshold"):
@@ -111,12 +126,14 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
                 outcome = unchanged(evaluator, plan, emitted)  # a calibrated model that meets it is kept as it is
         if config.optimizing and (outcome is None or not outcome.met or config.optimize):
             with timer("optimize"):
-                plan, ranges = _optimize(m, plan, stats, list(feeds.take(config.optimize_samples)), config)
+                plan, ranges, corrections = _optimize(m, plan, stats, list(feeds.take(config.optimize_samples)),
+                                                      config)
                 emitted = emit_qdq(m.float_model, plan)
         if evaluator is not None and outcome is not None and (ranges or not outcome.met):
             with timer("threshold"):
                 calibrated = outcome
-                outcome = _meet(m, config, stats, ranges, initial=(plan, emitted), evaluator=evaluator, samples=samples)
+                outcome = _meet(m, config, stats, ranges, corrections, initial=(plan, emitted), evaluator=evaluator,
+                                samples=samples)
                 outcome.initial_value = calibrated.value  # what the calibrated int8 model reached
                 outcome.steps[:0] = calibrated.steps
                 plan, emitted = outcome.plan, outcome.emitted
@@ -157,12 +174,20 @@ def _prepare(model: ModelLike, config: QuantConfig, timer: _Timer) -> _Model:
 
 
 def _optimize(m: _Model, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed],
-              config: QuantConfig) -> tuple[QuantPlan, dict[int, RangeChoice]]:
-    """Search ranges by the error at their readers; rebuild the plan (with weight clipping) on them."""
+              config: QuantConfig) -> tuple[QuantPlan, dict[int, RangeChoice], dict[str, np.ndarray]]:
+    """Search ranges and rebuild the plan on them, with weight clipping and bias correction.
+
+    Ranges are judged by the error at their readers; bias correction (:mod:`qnnlib.optimize.bias`)
+    is measured on the plan with the chosen ranges and clipped weights.
+    """
     ranges = optimize_ranges(m.float_model, plan, stats.extremes, samples, objective=config.objective,
                              symmetric=config.activation_symmetric)
     choices = {gid: GroupChoice(range=c.range) for gid, c in ranges.items() if c.after < c.before}
-    return build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices), ranges
+    plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices)
+    corrections = bias_corrections(m.float_model, plan, samples)
+    plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices,
+                      bias_corrections=corrections)
+    return plan, ranges, corrections
 
 
 def _validation(given: FeedSource | None, feeds: FeedSource) -> tuple[list[Feed], str]:
@@ -177,43 +202,56 @@ def _validation(given: FeedSource | None, feeds: FeedSource) -> tuple[list[Feed]
     return samples, f"{len(samples)} calibration samples reused (too few to hold any back; pass validation=)"
 
 
-def _meet(m: _Model, config: QuantConfig, stats: CalibrationStats, ranges: Mapping[int, RangeChoice], *,
-          initial: tuple[QuantPlan, Emitted], evaluator: Evaluator, samples: list[Feed]) -> Outcome:
-    """Raise the most harmful layers until the threshold is met on ``samples``."""
+def _meet(m: _Model, config: QuantConfig, stats: CalibrationStats, ranges: Mapping[int, RangeChoice],
+          corrections: Mapping[str, np.ndarray], *, initial: tuple[QuantPlan, Emitted], evaluator: Evaluator,
+          samples: list[Feed]) -> Outcome:
+    """Raise the most harmful tied groups until the threshold is met on ``samples``."""
     assert config.threshold is not None
     wide = WIDER[config.activation_type]
     searched = {gid: c.range for gid, c in ranges.items() if c.after < c.before}
-    # a group raised to 16 bits takes its whole observed range: rounding is negligible, clipping is not
-    extents = {g.id: _extent(g.members, stats.extremes) for g in initial[0].groups}
+    # a raised group takes its whole observed range and a margin: rounding is negligible, clipping is not
+    extents = {g.id: _widened(_extent(g.members, stats.extremes)) for g in initial[0].groups}
 
-    def build(raised: Mapping[str, str]) -> tuple[QuantPlan, Emitted]:
-        level_of: dict[int, str] = {}
-        plan = initial[0]
-        for layer in plan.layers:
-            level = raised.get(layer.node)
-            for t in (*layer.inputs, *layer.outputs) if level else ():
-                group = plan.group_of(t)
-                if group is not None and level_of.get(group.id) != FLOAT:
-                    level_of[group.id] = FLOAT if level == "float" else wide
-        choices = {gid: GroupChoice(range=extents[gid] if gid in level_of and extents[gid] else searched.get(gid),
-                                    qtype=level_of.get(gid))
-                   for gid in set(searched) | set(level_of)}
-        floats = frozenset(node for node, level in raised.items() if level == "float")
-        wides = frozenset(node for node, level in raised.items() if level == "int16")
+    def build(raised: Mapping[int, str]) -> tuple[QuantPlan, Emitted]:
+        choices = {gid: GroupChoice(range=searched.get(gid)) for gid in searched}
+        for gid, level in raised.items():
+            choices[gid] = GroupChoice(range=extents[gid] or searched.get(gid),
+                                       qtype=FLOAT if level == "float" else wide, source="raised")
+        layers = raised_layers(initial[0], raised)
+        floats = frozenset(node for node, level in layers.items() if level == "float")
+        wides = frozenset(node for node, level in layers.items() if level == "int16")
         candidate = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices,
-                               float_layers=floats, wide_layers=wides)
+                               float_layers=floats, wide_layers=wides, bias_corrections=corrections)
         return candidate, emit_qdq(m.float_model, candidate)
 
+    def raised_params(plan: QuantPlan) -> dict[int, ActivationParams]:
+        """Each quantised group's parameters at 16 bits over its whole observed range."""
+        wide_qtype = qtype(wide)
+        params = {}
+        for g in plan.groups:
+            extent = extents[g.id]
+            if g.params.qtype == FLOAT or g.params.source == "override" or extent is None:
+                continue
+            scale, zero = affine.activation_qparams(extent[0], extent[1], wide_qtype,
+                                                    symmetric=config.activation_symmetric)
+            params[g.id] = ActivationParams(wide, float(scale), int(zero), extent, "raised")
+        return params
+
     levels = [p for p in config.precisions if p != "int8"]
-    measured = _measured_outputs(m.selection, m.index, quantised_only=False)
+    ranking = samples[:HARM_SAMPLES]
     return meet_threshold(evaluator, initial, build,
-                          lambda plan, emitted: layer_harm(m.float_model, emitted, plan, samples, measured), levels)
+                          lambda plan: group_harm(m.float_model, plan, raised_params(plan), ranking), levels)
 
 
 def _extent(members: tuple[str, ...], extremes: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
     """The union of the observed ``(min, max)`` of the members that were observed."""
     seen = [extremes[m] for m in members if m in extremes]
     return (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else None
+
+
+def _widened(extent: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``extent`` scaled by ``RAISED_MARGIN`` about zero (a bound at zero stays there)."""
+    return None if extent is None else (extent[0] * RAISED_MARGIN, extent[1] * RAISED_MARGIN)
 
 
 def _excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:
@@ -242,18 +280,14 @@ def _check_overrides(index: GraphIndex, selection: Selection, config: QuantConfi
                           (f"; did you mean {close}?" if close else ""))
 
 
-def _measured_outputs(selection: Selection, index: GraphIndex, *, quantised_only: bool = True) -> dict[str, str]:
-    """Where each quantised layer is measured: its first output, or its folded activation's output.
+def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:
+    """The tensors the report measures, one per quantised layer.
 
-    With ``quantised_only=False`` layers whose output stays float (MatMul, Gemm) are included too.
+    A layer is measured at its first output, or at its folded activation's output; layers whose
+    output stays float (MatMul, Gemm) are not measured.
     """
     nodes = {n.name: n for n in index.nodes}
     quantised = set(selection.activations)
     activation_of = {nodes[name].input[0]: nodes[name].output[0] for name in selection.foldable}
     outs = {name: nodes[name].output[0] for name in selection.layers if nodes[name].output}
-    return {name: activation_of.get(o, o) for name, o in outs.items() if o in quantised or not quantised_only}
-
-
-def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:
-    """The tensors the report measures, one per quantised layer (see :func:`_measured_outputs`)."""
-    return list(dict.fromkeys(_measured_outputs(selection, index).values()))
+    return list(dict.fromkeys(activation_of.get(o, o) for o in outs.values() if o in quantised))

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ActivationParams:
@@ -42,7 +44,9 @@ class WeightPlan:
 
     ``scales`` has one entry per channel along ``axis`` (one entry when ``axis`` is None);
     ``qmax`` bounds the quantised magnitude (127, or 63 with the overflow fix; unused for biases);
-    ``clamped`` counts bias values that overflowed int32 and were clamped.
+    ``clamped`` counts bias values that overflowed int32 and were clamped; ``correction`` (biases
+    only, one value per channel, or empty) is added to the float bias before it is quantised: the
+    mean output shift the layer's quantised weights cause (bias correction).
     """
 
     node: str
@@ -54,6 +58,14 @@ class WeightPlan:
     scales: tuple[float, ...]
     clamped: int = 0
     qmax: int = 127
+    correction: tuple[float, ...] = ()
+
+    def corrected(self, value: np.ndarray) -> np.ndarray:
+        """The float value this plan quantises: the model's ``value`` plus the correction, float32."""
+        value = np.asarray(value, np.float32)
+        if not self.correction:
+            return value
+        return (value.reshape(-1) + np.asarray(self.correction, np.float32)).reshape(value.shape)
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,8 @@ class QuantPlan:
                       ActivationParams(**{**g["params"], "range": tuple(g["params"]["range"])}))
             for g in data["groups"]
         )
-        weights = tuple(WeightPlan(**{**w, "scales": tuple(w["scales"])}) for w in data["weights"])
+        weights = tuple(WeightPlan(**{**w, "scales": tuple(w["scales"]), "correction": tuple(w.get("correction", ()))})
+                        for w in data["weights"])
         layers = tuple(
             LayerPlan(x["node"], x["op_type"], x["precision"], tuple(x["inputs"]), tuple(x["outputs"]))
             for x in data["layers"]

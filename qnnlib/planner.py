@@ -105,11 +105,13 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
 def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup, ...],
                ranges: Mapping[str, tuple[float, float]], config: QuantConfig, *,
                choices: Mapping[int, GroupChoice] | None = None,
-               float_layers: frozenset[str] = frozenset(), wide_layers: frozenset[str] = frozenset()) -> QuantPlan:
+               float_layers: frozenset[str] = frozenset(), wide_layers: frozenset[str] = frozenset(),
+               bias_corrections: Mapping[str, np.ndarray] | None = None) -> QuantPlan:
     """Decide every parameter; see the module docstring.
 
     ``choices`` replace groups' calibrated ranges or types; ``float_layers`` keep their weights float;
-    ``wide_layers`` (raised to 16 bits) get int16 weights.
+    ``wide_layers`` (raised to 16 bits) get int16 weights; ``bias_corrections`` (node: one value per
+    output channel) are added to the biases of layers whose weights stay 8-bit.
     With ``config.optimizing`` weight scales come from a per-channel clipping search.
     """
     choices = choices or {}
@@ -119,7 +121,8 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
         for g in groups
     )
     plan_groups = {m: gp for gp in group_plans for m in gp.members}
-    weights = _weight_plans(index, selection, plan_groups, config, float_layers=float_layers, wide_layers=wide_layers)
+    weights = _weight_plans(index, selection, plan_groups, config, float_layers=float_layers, wide_layers=wide_layers,
+                            corrections=bias_corrections or {})
     layers = []
     nodes = {n.name: n for n in index.nodes}
     for name in selection.layers:
@@ -203,6 +206,7 @@ class _Weights:
     groups: Mapping[str, GroupPlan]
     config: QuantConfig
     wide_layers: frozenset[str]
+    corrections: Mapping[str, np.ndarray]
 
     def integer_kernel(self, node: onnx.NodeProto) -> bool:
         """Whether the layer runs on an integer kernel: 8-bit inputs and 8-bit weights."""
@@ -220,8 +224,9 @@ class _Weights:
 
 
 def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan], config: QuantConfig, *,
-                  float_layers: frozenset[str], wide_layers: frozenset[str]) -> tuple[WeightPlan, ...]:
-    ctx = _Weights(index, {n.name: n for n in index.nodes}, groups, config, wide_layers)
+                  float_layers: frozenset[str], wide_layers: frozenset[str],
+                  corrections: Mapping[str, np.ndarray]) -> tuple[WeightPlan, ...]:
+    ctx = _Weights(index, {n.name: n for n in index.nodes}, groups, config, wide_layers, corrections)
     biases = {s.node: s for s in selection.weights if s.kind == BIAS}
     weights = [_weight_plan(ctx, slot, biases.get(slot.node)) for slot in selection.weights
                if slot.kind == WEIGHT and slot.node not in float_layers]
@@ -251,6 +256,9 @@ def _bias_plan(ctx: _Weights, slot: WeightSlot, weight_scales: np.ndarray | None
     """An int32 bias: at ``s_in * s_w`` for integer kernels, else at a scale of its own."""
     node = ctx.nodes[slot.node]
     b = ctx.constant(slot.tensor, slot.node, "bias").reshape(-1)
+    correction = ctx.corrections.get(slot.node) if slot.node not in ctx.wide_layers else None
+    if correction is not None:
+        b = b + np.asarray(correction, np.float32).reshape(-1)
     if ctx.integer_kernel(node):
         s_in = np.float32(ctx.groups[node.input[0]].params.scale)
         if weight_scales is None:  # Gemm whose B is an activation: its group's scale
@@ -266,4 +274,4 @@ def _bias_plan(ctx: _Weights, slot: WeightSlot, weight_scales: np.ndarray | None
     if clamped:
         log.warning("bias %r of node %r: %d values overflow int32 and are clamped", slot.tensor, slot.node, clamped)
     return WeightPlan(slot.node, slot.input_index, slot.tensor, BIAS, "int32", 0, tuple(float(s) for s in scales),
-                      clamped)
+                      clamped, correction=() if correction is None else tuple(float(c) for c in correction.reshape(-1)))

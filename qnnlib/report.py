@@ -91,17 +91,22 @@ class FusionReport:
 
 @dataclass(frozen=True)
 class ThresholdStep:
-    """One candidate measured while meeting the threshold."""
+    """One candidate measured while meeting the threshold: groups raised, their level, layers above int8."""
 
     raised: int
     level: str
     value: float
     met: bool
+    layers: int = 0
 
 
 @dataclass(frozen=True)
 class ThresholdReport:
-    """The threshold, the figure reached on validation data, and how it was reached."""
+    """The threshold, the figure reached on validation data, and how it was reached.
+
+    ``raised_tensors`` maps each raised tied group (named by its first tensor) to its level and
+    ``raised`` each layer that reads or writes one of them (so runs above int8) to its level.
+    """
 
     requirement: str
     value: float
@@ -112,6 +117,7 @@ class ThresholdReport:
     raised: dict[str, str]
     steps: tuple[ThresholdStep, ...]
     seconds: float
+    raised_tensors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -193,9 +199,10 @@ class Report:
             t = self.threshold
             verdict = "MET" if t.met else "NOT MET"
             lines.append(f"threshold {t.requirement}: {verdict} with {t.value:.6g} on {t.validation} "
-                         f"(int8 gave {t.initial_value:.6g}; {len(t.raised)} layers raised; {t.seconds:.1f}s)")
-            for node, level in t.raised.items():
-                lines.append(f"  raised {node} to {level}")
+                         f"(int8 gave {t.initial_value:.6g}; {len(t.raised_tensors)} tensors raised, "
+                         f"{len(t.raised)} layers above int8; {t.seconds:.1f}s)")
+            for tensor, level in t.raised_tensors.items():
+                lines.append(f"  raised {tensor} to {level}")
         lines.append(f"tied groups: {len(self.groups)}; requantisations avoided: {self.requantizations_avoided}")
         worst = self.worst_layers(3)
         if worst:

@@ -16,7 +16,7 @@ from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.select import Selection
 from qnnlib.optimize.raising import Outcome
 from qnnlib.optimize.ranges import RangeChoice
-from qnnlib.plan import QuantPlan
+from qnnlib.plan import LayerPlan, QuantPlan
 from qnnlib.report import (
     CalibrationReport,
     FusionReport,
@@ -92,9 +92,23 @@ def _threshold(outcome: Outcome, validation: str, config: QuantConfig) -> Thresh
         requirement=config.threshold.describe(), value=outcome.value, met=outcome.met,
         initial_value=outcome.initial_value, float_score=outcome.float_score, validation=validation,
         raised=dict(outcome.raised),
-        steps=tuple(ThresholdStep(s.raised, s.level, s.value, s.met) for s in outcome.steps),
+        steps=tuple(ThresholdStep(s.raised, s.level, s.value, s.met, s.layers) for s in outcome.steps),
         seconds=round(outcome.seconds, 3),
+        raised_tensors={group.members[0]: outcome.raised_groups[group.id] for group in outcome.plan.groups
+                        if group.id in outcome.raised_groups},
     )
+
+
+def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
+    """Which raised group put ``layer`` above int8, and the share of the output error it carried."""
+    if layer.node not in outcome.raised:
+        return ""
+    touched = [g for t in (*layer.inputs, *layer.outputs)
+               if (g := plan.group_of(t)) is not None and g.id in outcome.raised_groups]
+    group = max(touched, key=lambda g: outcome.harm.get(g.id, 0.0))
+    role = "reads" if any(plan.group_of(t) is group for t in layer.inputs) else "writes"
+    return (f"{outcome.raised[layer.node]}: {role} {group.members[0]!r}, raised because raising it alone "
+            f"removed {100 * outcome.harm.get(group.id, 0.0):.2g}% of the output error")
 
 
 def _db(error: float) -> float:
@@ -109,8 +123,6 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
     float_reason = dict(selection.float_nodes)
     excluded = set(selection.excluded)
     layer_plans = {layer.node: layer for layer in plan.layers}
-    raised = p.threshold.raised if p.threshold is not None else {}
-    harm = p.threshold.harm if p.threshold is not None else {}
     layers = []
     for node in index.nodes:
         lp = layer_plans.get(node.name)
@@ -121,10 +133,7 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
         out, note = _measured_output(node, lp.outputs, index, plan, after_fold=after_fold, folded_into=folded_into)
         group = plan.group_of(out) if out else None
         search = p.ranges.get(group.id) if group is not None else None
-        why = ""
-        if node.name in raised:
-            why = (f"{raised[node.name]}: added {100 * harm.get(node.name, 0.0):.2g}% relative noise "
-                   "at its output, the most of the layers left")
+        why = _why_raised(lp, plan, p.threshold) if p.threshold is not None else ""
         layers.append(LayerReport(
             node.name, node.op_type, lp.precision, out,
             group.params.scale if group else None, group.params.zero_point if group else None,

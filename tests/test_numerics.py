@@ -165,6 +165,17 @@ def test_ranges_lie_within_min_and_max(method) -> None:  # type: ignore[no-untyp
     assert x.min() <= lo < 0 < hi <= x.max()
 
 
+@pytest.mark.parametrize("method", [Entropy(), MSE()], ids=lambda m: m.name)
+def test_exact_zeros_do_not_move_entropy_or_mse_ranges(method) -> None:  # type: ignore[no-untyped-def]
+    """A Relu output is mostly exact zeros, which any range represents exactly: they must not decide the clip."""
+    rng = np.random.default_rng(6)
+    positive = np.abs(rng.laplace(size=20_000)).astype(np.float32)
+    relu_like = rng.permutation(np.concatenate([np.zeros(180_000, np.float32), positive]))
+    _, hi_positive = _observe(method, positive)
+    _, hi_relu = _observe(method, relu_like)
+    assert hi_relu == pytest.approx(hi_positive, rel=0.15)
+
+
 def test_minmax_is_exact() -> None:
     x = np.random.default_rng(1).normal(size=10_000).astype(np.float32)
     assert _observe(MinMax(), x) == (float(x.min()), float(x.max()))

@@ -8,6 +8,15 @@ import pytest
 from onnx import TensorProto, helper
 
 import qnnlib
+from qnnlib.emit.simulation import dequantised_weight
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.model_io import load_model
+from qnnlib.graph.normalize import normalize
+from qnnlib.numerics import affine
+from qnnlib.numerics.qtypes import UINT8
+from qnnlib.optimize.bias import bias_corrections
+from qnnlib.optimize.raising import group_harm, raised_layers, raising_order
+from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan
 from tests import builders
 from tests.conftest import run, sqnr_db
 
@@ -86,6 +95,52 @@ def test_raising_meets_a_threshold_int8_misses() -> None:
     assert 0 < len(report.threshold.raised) < len([x for x in report.layers if x.precision != "float" or x.raised])
     raised = [x for x in report.layers if x.raised]
     assert raised and all(x.precision in ("int16", "float") for x in raised)
+    # the unit raised is a tied group: every layer above int8 reads or writes a raised tensor
+    raised_groups = {g.id for g in report.groups if g.members[0] in report.threshold.raised_tensors}
+    assert raised_groups and all(x.group in raised_groups or "reads" in x.raised for x in raised)
+    assert all(x.raised.split("'")[1] in report.threshold.raised_tensors for x in raised)  # why: the tensor named
+    assert "tensors raised" in report.to_text()
+
+
+def _chain_plan() -> QuantPlan:
+    """a -> Conv1 -> b -> Conv2 -> c -> Conv3 (float output), with a Relu reading c too; one group per tensor."""
+    params = ActivationParams("uint8", 0.1, 0, (0.0, 25.5))
+    groups = tuple(GroupPlan(i, (name,), (), params) for i, name in enumerate(["a", "b", "c", "d"]))
+    layers = (LayerPlan("Conv1", "Conv", "int8", ("a",), ("b",)), LayerPlan("Conv2", "Conv", "int8", ("b",), ("c",)),
+              LayerPlan("Conv3", "Conv", "int8", ("c",), ()), LayerPlan("Relu", "Relu", "int8", ("c",), ("d",)))
+    return QuantPlan("uint8", "int8", groups, (), layers)
+
+
+def test_raised_layers_are_the_readers_and_writers_of_raised_groups() -> None:
+    plan = _chain_plan()
+    assert raised_layers(plan, {1: "int16"}) == {"Conv1": "int16", "Conv2": "int16"}
+    assert raised_layers(plan, {1: "int16", 2: "float"}) == {"Conv1": "int16", "Conv2": "float", "Conv3": "float",
+                                                             "Relu": "float"}
+
+
+def test_raising_order_weighs_harm_by_the_compute_layers_a_raise_costs() -> None:
+    plan = _chain_plan()
+    # by harm alone: c, b, a; but c takes two Convs off integer kernels and a only one, and once a is
+    # raised, b costs one more Conv (Conv2), then c one more (Conv3); d harms nothing
+    harm = {0: 0.2, 1: 0.3, 2: 0.35, 3: -0.01}
+    assert raising_order(plan, harm) == [0, 1, 2, 3]
+    # c first (0.35 for two Convs beats 0.3 for two), then b costs only Conv1: 0.3 beats a's 0.05
+    assert raising_order(plan, {0: 0.05, 1: 0.3, 2: 0.35, 3: 0.0}) == [2, 1, 0, 3]
+
+
+def test_group_harm_finds_the_group_that_hurts() -> None:
+    model = outlier_model()
+    calib = builders.calibration(model, 8)
+    plan = qnnlib.quantize(model, calib, config=qnnlib.QuantConfig(method="minmax")).plan
+    wide = {g.id: ActivationParams("uint16", g.params.scale / 256, g.params.zero_point * 256, g.params.range)
+            for g in plan.groups}
+    harm = group_harm(model, plan, wide, calib[:4])
+    relu = next(layer for layer in plan.layers if layer.op_type == "Relu")
+    relu_group = plan.group_of(relu.outputs[0])
+    assert relu_group is not None
+    # the min-max Relu range is stretched by the outlier channel: raising it removes most of the error
+    assert max(harm, key=lambda g: harm[g]) == relu_group.id
+    assert harm[relu_group.id] > 0.5 and all(h <= 1.0 for h in harm.values())
 
 
 def test_eval_fn_path() -> None:
@@ -168,3 +223,29 @@ def test_invalid_threshold_config() -> None:
         qnnlib.QuantConfig(objective="l1")
     with pytest.raises(qnnlib.ConfigError, match=r"threshold must be a qnnlib\.Threshold"):
         qnnlib.QuantConfig(threshold=0.99)  # type: ignore[arg-type]
+
+
+def test_bias_correction_is_the_mean_shift_of_the_quantised_weights() -> None:
+    model = builders.mlp()
+    calib = builders.calibration(model, 8)
+    result = qnnlib.quantize(model, calib, config=qnnlib.QuantConfig(optimize=True))
+    plan = result.plan
+    normalized = normalize(load_model(model)).model
+    corrections = bias_corrections(normalized, plan, calib[:4])
+    first = next(layer for layer in plan.layers if layer.inputs == ("x",))
+    wp = next(w for w in plan.weights_of(first.node) if w.kind == "weight")
+    node = next(n for n in normalized.graph.node if n.name == first.node)
+    assert node.op_type == "Gemm"
+    w = GraphIndex(normalized).constant(wp.tensor).astype(np.float32)
+    error = w - dequantised_weight(w, wp)  # in the model's layout
+    if any(a.name == "transB" and a.i for a in node.attribute):
+        error = error.T
+    p = plan.params("x")
+    x_q = [affine.fake_quantize(f["x"], p.scale, p.zero_point, UINT8) for f in calib[:4]]
+    expected = np.mean([(x.astype(np.float64) @ error).mean(axis=0) for x in x_q], axis=0)
+    np.testing.assert_allclose(corrections[first.node], expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected).max() > 0
+    # the plan carries the correction of every 8-bit layer's bias, and the emitted bias includes it
+    bias = next(w for w in plan.weights_of(first.node) if w.kind == "bias")
+    np.testing.assert_allclose(bias.correction, corrections[first.node], rtol=1e-3, atol=1e-6)
+    assert qnnlib.QuantPlan.from_json(plan.to_json()) == plan

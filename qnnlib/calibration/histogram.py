@@ -27,6 +27,7 @@ class StreamingHistogram:
         self.width: float = 0.0
         self.start = 0
         self.counts = np.zeros(0, np.float64)
+        self.zeros = 0.0
 
     @property
     def empty(self) -> bool:
@@ -71,6 +72,20 @@ class StreamingHistogram:
         np.maximum(idx, 0, out=idx)
         np.minimum(idx, len(self.counts) - 1, out=idx)
         self.counts += weight * np.bincount(idx, minlength=len(self.counts))
+        self.zeros += weight * float(np.count_nonzero(x == 0))
+
+    def nonzero_counts(self) -> np.ndarray:
+        """The counts without the exact zeros (taken from the bin ``[0, w)`` that holds them).
+
+        Zero is exactly representable at any affine scale, so exact zeros (a Relu's output is mostly
+        zeros) carry no quantisation error; left in, their spike in one bin decides where range
+        searches clip.
+        """
+        counts = self.counts.copy()
+        index = -self.start
+        if 0 <= index < len(counts):
+            counts[index] = max(counts[index] - self.zeros, 0.0)
+        return counts
 
     def _coarsen(self) -> None:
         counts = self.counts

@@ -104,7 +104,10 @@ class HistogramObserver(MinMaxObserver):
         if self.min_ == self.max_:
             return self.min_, self.max_
         hist = self.histogram
-        lo, hi = self.method.choose(hist.counts, hist.centers(), self.min_, self.max_, levels=self.levels,
+        counts = hist.nonzero_counts() if self.method.exact_zeros_free else hist.counts
+        if not counts.any():
+            counts = hist.counts
+        lo, hi = self.method.choose(counts, hist.centers(), self.min_, self.max_, levels=self.levels,
                                     symmetric=self.symmetric)
         return max(lo, self.min_), min(hi, self.max_)
 
@@ -123,6 +126,8 @@ class MinMax:
 @dataclass(frozen=True)
 class _Histogram:
     bins: int = 2048
+    #: Whether ``choose`` sees the histogram without exact zeros (they cost no error at any range).
+    exact_zeros_free = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bins, int) or self.bins < 128:
@@ -157,6 +162,7 @@ class Entropy(_Histogram):
 
     candidates: int = 64
     name = "entropy"
+    exact_zeros_free = True
 
     def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int,
                symmetric: bool) -> tuple[float, float]:
@@ -170,6 +176,7 @@ class MSE(_Histogram):
 
     candidates: int = 48
     name = "mse"
+    exact_zeros_free = True
 
     def choose(self, counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int,
                symmetric: bool) -> tuple[float, float]:

@@ -207,7 +207,7 @@ def _emit_weights(index: GraphIndex, writer: _Writer, plan: QuantPlan) -> None:
     for wp in plan.weights:
         node = nodes[wp.node]
         scales = np.asarray(wp.scales, np.float32)
-        key = (wp.tensor, wp.kind, scales.tobytes() + str(wp.axis).encode())
+        key = (wp.tensor, wp.kind, scales.tobytes() + str(wp.axis).encode() + str(wp.correction).encode())
         if key not in cache:
             cache[key] = _quantized_weight(index, writer, wp, scales)
         q_name, scale, zero = cache[key]
@@ -219,7 +219,7 @@ def _emit_weights(index: GraphIndex, writer: _Writer, plan: QuantPlan) -> None:
 
 
 def _quantized_weight(index: GraphIndex, writer: _Writer, wp: WeightPlan, scales: np.ndarray) -> tuple[str, str, str]:
-    value = index.constant(wp.tensor).astype(np.float32)
+    value = wp.corrected(index.constant(wp.tensor))
     if wp.kind == "bias":
         q, _ = affine.quantize_bias(value.reshape(-1), scales)
         zero_value = np.zeros(scales.shape, np.int32)

@@ -124,8 +124,8 @@ def _dequantised_weights(model: onnx.ModelProto, index: GraphIndex, plan: QuantP
 
 
 def dequantised_weight(value: np.ndarray, wp: WeightPlan) -> np.ndarray:
-    """The float value a planned weight or bias stands for after quantisation."""
-    value = np.asarray(value, np.float32)
+    """The float value a planned weight or bias stands for after quantisation (correction included)."""
+    value = wp.corrected(value)
     scales = np.asarray(wp.scales, np.float32)
     if wp.kind == "bias":
         q, _ = affine.quantize_bias(value.reshape(-1), scales)

@@ -1,15 +1,29 @@
-"""Meet the user's threshold by raising the precision of the layers that hurt most.
+"""Meet the user's threshold by raising the precision of the tied groups that hurt most.
+
+The unit raised is a tied group, not a layer: precision belongs to a tensor, and every layer that
+reads or writes a raised group leaves its integer kernel anyway, so raising a layer's inputs and
+output together (the first design) paid for two or three groups where one did the good.
 
 1. The candidate model (onnxruntime, fused integer kernels) runs on the validation samples; if the
    threshold's metric is met, nothing more is done.
-2. Otherwise every quantised layer's own harm is measured on the same samples: the relative noise
-   ``|out_q - out_f|^2 / |out_f|^2`` at its output minus the largest at its quantised inputs, so a
-   layer is not blamed for the error it receives.
-3. Layers are raised in order of harm, first to 16 bits (their tied groups become uint16 and their
-   weights int16), then, as the last resort, to float (groups and weights float): 1, 2, 4, ... layers at a
-   time until the threshold is met, then a binary search finds the fewest raised layers that still
-   meet it. Every candidate is measured, and the best one found is kept whether or not the
-   threshold is ever met.
+2. Otherwise each group's harm is measured end to end, leave one out, on the simulation model
+   (:mod:`qnnlib.emit.simulation`, one session, parameters as inputs): with every group quantised
+   as planned, the output error is
+
+       E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (summed over samples)
+
+   and a group's harm is ``(E - E_g) / E``, the share of E that goes away when that group alone
+   is raised to 16 bits (over its whole observed range). Downstream gain, tied readers and
+   the outputs the threshold looks at are all in it, which a group's local noise is not.
+3. Groups are raised in order of harm per compute layer they take off integer kernels
+   (:func:`raising_order`), first to 16 bits (uint16 activations; the layers that read
+   or write them get int16 weights), then, as the last resort, to float (those layers keep float
+   weights): 1, 2, 4, ... groups at a time until the threshold is met, then a binary search finds
+   the fewest groups that still meet it. Harm is not additive (errors of different groups
+   partly cancel), so each raised group is then lowered alone, least harmful first, and left
+   lowered when the threshold still holds (at most ``PRUNE_TRIALS`` tries). Every candidate is
+   measured on the real model, and the best one found is kept whether or not the threshold is
+   ever met; among those that meet it, the one with the fewest compute layers above int8 wins.
 """
 
 from __future__ import annotations
@@ -23,32 +37,41 @@ import numpy as np
 import onnx
 
 from qnnlib.emit.qdq import Emitted
-from qnnlib.graph.edit import with_outputs
+from qnnlib.emit.simulation import build_simulation
+from qnnlib.fusion import COMPUTE_OPS
 from qnnlib.graph.model_io import make_session
-from qnnlib.numerics import affine
-from qnnlib.plan import QuantPlan
+from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.threshold import Threshold, output_metric
 
 log = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
-#: Precision levels a layer can be raised to, in order.
+#: Precision levels a group can be raised to, in order.
 LEVELS = ("int16", "float")
+#: Validation samples the leave-one-out harm is measured on (the first ones).
+HARM_SAMPLES = 16
+#: Raised groups tried one at a time for lowering once the threshold is met (least harmful first).
+PRUNE_TRIALS = 16
 
 
 @dataclass(frozen=True)
 class Step:
-    """One measured candidate: how many layers were raised to which level, and the metric value."""
+    """One measured candidate: groups raised, to which level, layers left above int8, the metric value."""
 
     raised: int
     level: str
     value: float
     met: bool
+    layers: int = 0
 
 
 @dataclass
 class Outcome:
-    """The chosen candidate, what was raised and why, and every step measured."""
+    """The chosen candidate, what was raised and why, and every step measured.
+
+    ``raised`` maps each layer above int8 because of raising to its level; ``raised_groups`` each
+    raised group id to its level; ``harm`` each ranked group to its share of the output error.
+    """
 
     plan: QuantPlan
     emitted: Emitted
@@ -57,15 +80,48 @@ class Outcome:
     float_score: float | None
     initial_value: float
     raised: dict[str, str] = field(default_factory=dict)
-    harm: dict[str, float] = field(default_factory=dict)
+    raised_groups: dict[int, str] = field(default_factory=dict)
+    harm: dict[int, float] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def _cost(raised: Mapping[str, str]) -> tuple[int, int]:
-    """Float layers weigh more than 16-bit ones: (float layers, 16-bit layers)."""
-    levels = list(raised.values())
-    return levels.count("float"), levels.count("int16")
+def raised_layers(plan: QuantPlan, raised: Mapping[int, str]) -> dict[str, str]:
+    """Layers that read or write a raised group, at the highest level among those groups."""
+    layers: dict[str, str] = {}
+    for layer in plan.layers:
+        levels = {raised[g.id] for t in (*layer.inputs, *layer.outputs)
+                  if (g := plan.group_of(t)) is not None and g.id in raised}
+        if levels:
+            layers[layer.node] = "float" if "float" in levels else "int16"
+    return layers
+
+
+def _cost(plan: QuantPlan, layers: Mapping[str, str]) -> tuple[int, int, int]:
+    """What a raise costs: compute layers (Conv, MatMul, Gemm) in float, then in 16 bits, then all layers."""
+    compute = {layer.node for layer in plan.layers if layer.op_type in COMPUTE_OPS}
+    levels = [level for node, level in layers.items() if node in compute]
+    return levels.count("float"), levels.count("int16"), len(layers)
+
+
+def raising_order(plan: QuantPlan, harm: Mapping[int, float]) -> list[int]:
+    """Groups by harm per compute layer newly taken off an integer kernel, greedily.
+
+    Raising a group takes every compute layer that reads or writes it off its integer kernel; one
+    already taken off by an earlier group costs nothing again. Groups whose harm is not positive
+    come last, by harm.
+    """
+    compute = {layer.node for layer in plan.layers if layer.op_type in COMPUTE_OPS}
+    touching = {gid: set(raised_layers(plan, {gid: "int16"})) & compute for gid in harm}
+    left = {gid for gid, h in harm.items() if h > 0}
+    taken: set[str] = set()
+    order: list[int] = []
+    while left:
+        gid = max(sorted(left), key=lambda g: harm[g] / max(len(touching[g] - taken), 0.5))
+        order.append(gid)
+        taken |= touching[gid]
+        left.discard(gid)
+    return order + sorted((g for g in harm if harm[g] <= 0), key=lambda g: -harm[g])
 
 
 class Evaluator:
@@ -95,45 +151,45 @@ class Evaluator:
         return a > b if self.threshold.eval_fn is not None else self.threshold.better(a, b)
 
 
-def layer_harm(float_model: onnx.ModelProto, emitted: Emitted, plan: QuantPlan, feeds: Sequence[Feed],
-               measured: Mapping[str, str]) -> dict[str, float]:
-    """Each quantising layer's own relative noise: at its output minus the largest at its inputs.
+def output_error(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]]) -> float:
+    """``sum over outputs o of |y_o - r_o|^2 / |r_o|^2``, each sum taken over all samples."""
+    total = 0.0
+    for k in range(len(reference[0]) if reference else 0):
+        noise = signal = 0.0
+        for r_all, y_all in zip(reference, got, strict=True):
+            r = np.asarray(r_all[k], np.float64).ravel()
+            d = r - np.asarray(y_all[k], np.float64).ravel()
+            noise += float(d @ d)
+            signal += float(r @ r)
+        total += noise / signal if signal > 0 else noise
+    return total
 
-    ``measured`` maps a layer to the tensor its output is measured at (a folded activation's output,
-    or its own float output, read by name).
-    Layers whose inputs and output share one tied group (Relu, MaxPool, Concat, reshapes) add no
-    quantisation of their own and are not ranked.
+
+def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, raised: Mapping[int, ActivationParams],
+               feeds: Sequence[Feed]) -> dict[int, float]:
+    """Each group's share ``(E - E_g) / E`` of the output error that raising it alone removes.
+
+    ``raised`` gives, per candidate group, its parameters when raised; E is measured on ``feeds``
+    with the simulation model of ``plan`` (see the module docstring).
     """
-    ranked = {}
-    for layer in plan.layers:
-        out = measured.get(layer.node, "")
-        group = plan.group_of(out) if out else None
-        if group is not None and layer.inputs and all(plan.group_of(t) is group for t in layer.inputs):
-            continue
-        if out and (out in emitted.quantized_names or group is None):
-            ranked[layer.node] = (out, [t for t in layer.inputs if t in emitted.quantized_names])
-    tensors = sorted({t for out, ins in ranked.values() for t in (out, *ins)})
-    if not tensors:
+    if not raised or not feeds:
         return {}
-    float_session = make_session(with_outputs(float_model, tensors), log_errors_as="float model")
-    names = [emitted.quantized_names.get(t, t) for t in tensors]  # a float output is read by its own name
-    quant_session = make_session(with_outputs(emitted.model, names), log_errors_as="candidate model")
-    noise = dict.fromkeys(tensors, 0.0)
-    signal = dict.fromkeys(tensors, 0.0)
-    for feed in feeds:
-        ref = float_session.run(tensors, feed)
-        got = quant_session.run(names, feed)
-        for t, r, value in zip(tensors, ref, got, strict=True):
-            q = value
-            if t in emitted.quantized_names:
-                p = plan.params(t)
-                q = affine.dequantize(value, p.scale, p.zero_point)
-            d = (np.asarray(r, np.float32) - np.asarray(q, np.float32)).ravel()
-            noise[t] += float(d @ d)
-            signal[t] += float(np.square(np.asarray(r, np.float32)).sum())
-    relative = {t: noise[t] / signal[t] if signal[t] > 0 else 0.0 for t in tensors}
-    return {node: max(0.0, relative[out] - max((relative[t] for t in ins), default=0.0))
-            for node, (out, ins) in ranked.items()}
+    sim = build_simulation(float_model, plan)
+    session = make_session(sim.model, optimization="basic", log_errors_as="simulation model")
+    float_session = make_session(float_model, log_errors_as="float model")
+    outputs = [o.name for o in float_model.graph.output]
+    reference = [float_session.run(outputs, f) for f in feeds]
+    params = {g.id: g.params for g in plan.groups}
+    enabled = set(params)
+
+    def error(candidate: Mapping[int, ActivationParams]) -> float:
+        switches = sim.feeds(candidate, enabled)
+        return output_error(reference, [session.run(outputs, {**f, **switches}) for f in feeds])
+
+    base = error(params)
+    if base <= 0:
+        return dict.fromkeys(raised, 0.0)
+    return {gid: (base - error({**params, gid: p})) / base for gid, p in raised.items()}
 
 
 def unchanged(evaluator: Evaluator, plan: QuantPlan, emitted: Emitted) -> Outcome:
@@ -146,40 +202,42 @@ def unchanged(evaluator: Evaluator, plan: QuantPlan, emitted: Emitted) -> Outcom
 
 
 def meet_threshold(evaluator: Evaluator, initial: tuple[QuantPlan, Emitted],
-                   build: Callable[[Mapping[str, str]], tuple[QuantPlan, Emitted]],
-                   harm: Callable[[QuantPlan, Emitted], dict[str, float]], levels: Sequence[str]) -> Outcome:
-    """Raise layers (``build(raised)`` makes the candidate for ``{layer: level}``); see the module docstring."""
+                   build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]],
+                   harm: Callable[[QuantPlan], dict[int, float]], levels: Sequence[str]) -> Outcome:
+    """Raise groups (``build(raised)`` makes the candidate for ``{group id: level}``); see the module docstring."""
     start = time.perf_counter()
     plan, emitted = initial
     outcome = unchanged(evaluator, plan, emitted)
     value = outcome.value
     if outcome.met:
         return outcome
-    outcome.harm = harm(plan, emitted)
-    order = [layer for layer, _ in sorted(outcome.harm.items(), key=lambda kv: -kv[1])]
+    outcome.harm = harm(plan)
+    order = raising_order(plan, outcome.harm)
+    log.debug("raising order (group: harm): %s", [(g, round(outcome.harm[g], 4)) for g in order])
     sizes = sorted({min(2**i, len(order)) for i in range(len(order).bit_length() + 1)} - {0})
-    best: tuple[float, QuantPlan, Emitted, dict[str, str]] = (value, plan, emitted, {})
+    best: tuple[float, QuantPlan, Emitted, dict[int, str], dict[str, str]] = (value, plan, emitted, {}, {})
 
-    def measure(raised: dict[str, str], level: str) -> bool:
+    def measure(raised: dict[int, str], level: str) -> bool:
         """Build, run and record one candidate; keep it if it is the best so far."""
         nonlocal best
         cand_plan, cand_emitted = build(raised)
+        layers = raised_layers(cand_plan, raised)
         v = evaluator.value(cand_emitted.model)
         ok = evaluator.met(v)
-        outcome.steps.append(Step(len(raised), level, v, ok))
+        outcome.steps.append(Step(len(raised), level, v, ok, len(layers)))
         if ok:
-            if not evaluator.met(best[0]) or _cost(raised) < _cost(best[3]):
-                best = (v, cand_plan, cand_emitted, dict(raised))
+            if not evaluator.met(best[0]) or _cost(cand_plan, layers) < _cost(best[1], best[4]):
+                best = (v, cand_plan, cand_emitted, dict(raised), layers)
         elif not evaluator.met(best[0]) and evaluator.better(v, best[0]):
-            best = (v, cand_plan, cand_emitted, dict(raised))
+            best = (v, cand_plan, cand_emitted, dict(raised), layers)
         return ok
 
-    def raise_at(level: str, base: dict[str, str]) -> bool:
-        """Raise the fewest harmful layers to ``level`` (on top of ``base``) that meet the threshold."""
+    def raise_at(level: str, base: dict[int, str]) -> bool:
+        """Raise the fewest harmful groups to ``level`` (on top of ``base``) that meet the threshold."""
         previous = 0
         for size in sizes:
             if measure({**base, **dict.fromkeys(order[:size], level)}, level):
-                lo, hi = previous, size  # the fewest layers that meet it lie in (lo, hi]
+                lo, hi = previous, size  # the fewest groups that meet it lie in (lo, hi]
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
                     lo, hi = (lo, mid) if measure({**base, **dict.fromkeys(order[:mid], level)}, level) else (mid, hi)
@@ -187,12 +245,24 @@ def meet_threshold(evaluator: Evaluator, initial: tuple[QuantPlan, Emitted],
             previous = size
         return False
 
-    base: dict[str, str] = {}
+    def prune(level: str, base: dict[int, str]) -> None:
+        """Lower the raised groups one at a time, least harmful first, keeping each lowering that still meets."""
+        chosen = dict(best[3])
+        trials = [gid for gid in reversed(order) if chosen.get(gid) == level][:PRUNE_TRIALS]
+        for gid in trials:
+            trial = {g: lv for g, lv in chosen.items() if g != gid}
+            if gid in base:
+                trial[gid] = base[gid]
+            if measure(trial, level) and best[3] == trial:
+                chosen = trial
+
+    base: dict[int, str] = {}
     for level in (lv for lv in LEVELS if lv in levels):
         if raise_at(level, base):
+            prune(level, base)
             break
         base = dict.fromkeys(order, level)  # this level everywhere was not enough: go on from there
-    outcome.value, outcome.plan, outcome.emitted, outcome.raised = best
+    outcome.value, outcome.plan, outcome.emitted, outcome.raised_groups, outcome.raised = best
     outcome.met = evaluator.met(outcome.value)
     outcome.seconds = time.perf_counter() - start
     return outcome

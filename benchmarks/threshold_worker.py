@@ -1,0 +1,127 @@
+"""Run one accuracy-aware quantiser on one benchmark task in a fresh process; print JSON.
+
+    python -m benchmarks.threshold_worker qnnlib-threshold|nncf|nncf-ac TASK OUT [--max-drop 0.02]
+
+``nncf`` and ``nncf-ac`` must run under NNCF's own venv (``bench_threshold`` makes it). The task is
+rebuilt from ``benchmarks.tasks`` with the seeds ``bench_threshold`` uses: samples ``0..CALIB-1``
+calibrate, the next ``VALIDATION`` validate. The validation score is the task metric against the
+float model's answers, higher is better (CER enters as ``1 - CER``), so the float model scores 1 and
+``--max-drop`` is an absolute drop from 1 for both tools. Models below opset 13 are converted to 13
+for NNCF, as for onnxruntime's quantiser. The reported time covers the quantiser call only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_quantize import HELD
+from benchmarks.tasks import TASKS, Task
+
+#: Calibration and validation samples for the accuracy-aware runs.
+CALIB = 32
+VALIDATION = 32
+
+
+def build_task(name: str) -> Task:
+    """The task with ``CALIB + VALIDATION`` calibration-side samples and its held-out samples."""
+    return TASKS[name](CALIB + VALIDATION, HELD.get(name, 64))
+
+
+def score(task: Task, reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+    """Task metric against the float answers, oriented so that higher is better and float scores 1."""
+    value = task.metric(reference, outputs)
+    return value if task.higher_is_better else 1.0 - value
+
+
+def _scorer(task: Task, feeds: list[dict[str, np.ndarray]],
+            reference: list[list[np.ndarray]]) -> Callable[[Any], float]:
+    def evaluate(session: Any) -> float:
+        return score(task, reference, [session.run(None, f) for f in feeds])
+    return evaluate
+
+
+def run_qnnlib(task: Task, out: Path, max_drop: float) -> dict[str, Any]:
+    import qnnlib
+    from qnnlib.graph.model_io import load_model, make_session
+
+    calib = [{task.input_name: x} for x in task.calib[:CALIB]]
+    validation = [{task.input_name: x} for x in task.calib[CALIB:CALIB + VALIDATION]]
+    float_session = make_session(load_model(str(task.model_path)))
+    evaluate = _scorer(task, validation, [float_session.run(None, f) for f in validation])
+    config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(eval_fn=evaluate, max_drop=max_drop))
+    start = time.perf_counter()
+    result = qnnlib.quantize(str(task.model_path), calib, validation=validation, config=config)
+    elapsed = time.perf_counter() - start
+    result.save(out)
+    threshold = result.report.threshold
+    return {"time": elapsed, "met": result.report.threshold_met,
+            "validation_score": None if threshold is None else threshold.value,
+            "layers_raised_report": len(result.report.layers_above_int8)}
+
+
+def run_nncf(task: Task, out: Path, max_drop: float, accuracy_control: bool) -> dict[str, Any]:
+    import nncf
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(task.model_path))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    calib = [{task.input_name: x} for x in task.calib[:CALIB]]
+    validation = [{task.input_name: x} for x in task.calib[CALIB:CALIB + VALIDATION]]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+
+    def session_of(candidate: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    float_session = session_of(model)
+    evaluate = _scorer(task, validation, [float_session.run(None, f) for f in validation])
+    reached: list[float] = []
+
+    def validate(candidate: onnx.ModelProto, data: object) -> tuple[float, None]:
+        value = evaluate(session_of(candidate))
+        reached.append(value)
+        return value, None
+
+    start = time.perf_counter()
+    if accuracy_control:
+        quantized = nncf.quantize_with_accuracy_control(
+            model, nncf.Dataset(calib), nncf.Dataset(validation), validate, max_drop=max_drop,
+            subset_size=len(calib))
+    else:
+        quantized = nncf.quantize(model, nncf.Dataset(calib), subset_size=len(calib))
+    elapsed = time.perf_counter() - start
+    onnx.save(quantized, str(out))
+    final = evaluate(session_of(quantized))
+    return {"time": elapsed, "met": final >= 1.0 - max_drop, "validation_score": final,
+            "validations": len(reached)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tool", choices=("qnnlib-threshold", "nncf", "nncf-ac"))
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--max-drop", type=float, default=0.02)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    task = build_task(args.task)
+    if args.tool == "qnnlib-threshold":
+        stats = run_qnnlib(task, args.out, args.max_drop)
+    else:
+        stats = run_nncf(task, args.out, args.max_drop, accuracy_control=args.tool == "nncf-ac")
+    print(json.dumps(stats, default=float))
+
+
+if __name__ == "__main__":
+    main()
