@@ -11,7 +11,8 @@ then has the mean its float weights would give on the same inputs. Rounding weig
 unbiased per weight, but a channel's sum over many products with non-negative inputs (after a
 Relu) is not, least of all for depthwise convolutions with nine weights per channel, and clipped
 weights (MSE clipping) shift it further. Each layer's correction depends only on its own weights
-and inputs, so all are measured in one pass.
+and inputs, so all are measured in one pass. A layer with fewer than ``MIN_POSITIONS`` output
+values per channel over the samples (a classifier's Gemm) is left alone: its mean is noise.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ Feed = dict[str, np.ndarray]
 
 #: Layers whose output channels lie on axis 1 and whose output is linear in the weight input.
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm")
+#: Output values per channel (samples times positions) below which the mean is too noisy to apply:
+#: a Gemm on a batch of one sees one value per sample.
+MIN_POSITIONS = 64
 
 
 def bias_corrections(float_model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
@@ -70,8 +74,11 @@ def bias_corrections(float_model: onnx.ModelProto, plan: QuantPlan, feeds: Seque
     switches = sim.feeds(params, set(params))
     wanted = list(outputs.values())
     totals = dict.fromkeys(outputs, np.zeros(0))
+    positions = dict.fromkeys(outputs, 0)
     for feed in feeds:
         for layer, value in zip(outputs, session.run(wanted, {**feed, **switches}), strict=True):
-            per_channel = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1).mean(axis=1)
-            totals[layer] = per_channel if totals[layer].size == 0 else totals[layer] + per_channel
-    return {layer: (total / (len(feeds) * betas.get(layer, 1.0))).astype(np.float32) for layer, total in totals.items()}
+            per_channel = np.moveaxis(np.asarray(value, np.float64), 1, 0).reshape(value.shape[1], -1)
+            totals[layer] = per_channel.sum(axis=1) + (totals[layer] if totals[layer].size else 0.0)
+            positions[layer] += per_channel.shape[1]
+    return {layer: (total / (positions[layer] * betas.get(layer, 1.0))).astype(np.float32)
+            for layer, total in totals.items() if positions[layer] >= MIN_POSITIONS}
