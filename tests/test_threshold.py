@@ -227,11 +227,13 @@ def test_invalid_threshold_config() -> None:
 
 def test_bias_correction_is_the_mean_shift_of_the_quantised_weights() -> None:
     model = builders.mlp()
-    calib = builders.calibration(model, 8)
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.normal(size=(32, 32)).astype(np.float32)} for _ in range(8)]  # 32 rows per sample
     result = qnnlib.quantize(model, calib, config=qnnlib.QuantConfig(optimize=True))
     plan = result.plan
     normalized = normalize(load_model(model)).model
     corrections = bias_corrections(normalized, plan, calib[:4])
+    assert not bias_corrections(normalized, plan, [{"x": f["x"][:1]} for f in calib[:4]])  # 4 rows: noise
     first = next(layer for layer in plan.layers if layer.inputs == ("x",))
     wp = next(w for w in plan.weights_of(first.node) if w.kind == "weight")
     node = next(n for n in normalized.graph.node if n.name == first.node)
