@@ -9,15 +9,18 @@ Per model, 32 calibration samples and 32 validation samples (``threshold_worker.
 * int8 defaults: qnnlib min-max, entropy, percentile, mse; onnxruntime ``quantize_static`` min-max,
   entropy, percentile (QDQ, per-channel, uint8 activations, int8 weights, after its pre-process);
   ``nncf.quantize``;
-* ``qnnlib optimized``: ``QuantConfig(optimize=True)``, the layer-wise range search, no threshold;
-* with a threshold: qnnlib ``Threshold(eval_fn=..., max_drop=D)`` and
+* ``qnnlib optimized``: ``QuantConfig(optimize=True)``: the layer-wise range search, weight clipping
+  and bias correction, no threshold;
+* with a threshold: qnnlib ``Threshold(eval_fn=..., max_drop=D)`` (and the same without its range
+  search, weight clipping and bias correction, ``optimize=False``: raising alone) and
   ``nncf.quantize_with_accuracy_control(..., max_drop=D)``, both scored on the validation samples by
   the task metric against the float model (higher is better, float scores 1; CER enters as 1 - CER),
   for each allowed drop D given.
 
 Columns: the task metric on held-out inputs against the float model, and the SQNR of the first
-output (dB) on the same inputs; single-thread latency (median of interleaved runs, ms); quantisation wall time (each
-tool in a fresh process; onnxruntime's includes its pre-process); the number of compute ops (Conv,
+output (dB) on the same inputs; single-thread latency (median of interleaved runs, ms);
+quantisation wall time (each tool in a fresh process; onnxruntime's includes its pre-process,
+qnnlib's its report and fusion check); the number of compute ops (Conv,
 Gemm, MatMul and their fused forms) that onnxruntime's optimiser leaves in float, that is, layers
 not running on 8-bit integer kernels, counted the same way for every tool; and for the threshold
 runs whether the threshold was met on the validation samples, and the validation score.
@@ -56,7 +59,7 @@ INT8_RUNS = {  # label: (tool, method)
     "ort minmax": ("ort", "minmax"), "ort entropy": ("ort", "entropy"), "ort percentile": ("ort", "percentile"),
 }
 OPTIMIZED = "qnnlib optimized"
-THRESHOLD, ACCURACY_CONTROL = "qnnlib threshold", "nncf accuracy-control"
+THRESHOLD, RAISING, ACCURACY_CONTROL = "qnnlib threshold", "qnnlib raising only", "nncf accuracy-control"
 PEERS_INT8 = ("ort minmax", "ort entropy", "ort percentile", "nncf")
 
 
@@ -113,6 +116,7 @@ def bench_model(name: str, work: Path, drops: list[float], timeout: float, with_
     aware = [("nncf", "nncf", drops[0])] if with_nncf else []
     for drop in drops:
         aware.append((f"{THRESHOLD} {drop}", "qnnlib-threshold", drop))
+        aware.append((f"{RAISING} {drop}", "qnnlib-raise", drop))
         if with_nncf:
             aware.append((f"{ACCURACY_CONTROL} {drop}", "nncf-ac", drop))
     for label, tool, drop in aware:
@@ -155,14 +159,16 @@ def verdicts(row: dict[str, Any]) -> list[str]:
         lines.append(f"  optimized {ours['held_out']:.3f} / {ours['sqnr_db']:.1f} dB vs best peer int8 ({best}) "
                      f"{runs[best]['held_out']:.3f} / {runs[best]['sqnr_db']:.1f} dB: {verdict}")
     for drop in row["drops"]:
-        mine, theirs = runs.get(f"{THRESHOLD} {drop}", {}), runs.get(f"{ACCURACY_CONTROL} {drop}", {})
-        if "held_out" not in mine or "held_out" not in theirs:
-            continue
-        fewer = mine["above_int8"] < theirs["above_int8"] or mine["above_int8"] == theirs["above_int8"] == 0
-        lines.append(f"  drop {drop}: qnnlib met={mine['met']} with {mine['above_int8']} layers above int8 in "
-                     f"{mine['time']:.1f} s; NNCF met={theirs['met']} with {theirs['above_int8']} in "
-                     f"{theirs['time']:.1f} s -> {'fewer' if fewer else 'NOT fewer'} layers, time ratio "
-                     f"{mine['time'] / theirs['time']:.2f}")
+        theirs = runs.get(f"{ACCURACY_CONTROL} {drop}", {})
+        for label in (THRESHOLD, RAISING):
+            mine = runs.get(f"{label} {drop}", {})
+            if "held_out" not in mine or "held_out" not in theirs:
+                continue
+            fewer = mine["above_int8"] < theirs["above_int8"] or mine["above_int8"] == theirs["above_int8"] == 0
+            lines.append(f"  drop {drop}, {label}: met={mine['met']} with {mine['above_int8']} layers above int8 "
+                         f"in {mine['time']:.1f} s; NNCF met={theirs['met']} with {theirs['above_int8']} in "
+                         f"{theirs['time']:.1f} s -> {'fewer' if fewer else 'NOT fewer'} layers, time ratio "
+                         f"{mine['time'] / theirs['time']:.2f}")
     return lines
 
 

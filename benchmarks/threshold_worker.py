@@ -1,6 +1,9 @@
 """Run one accuracy-aware quantiser on one benchmark task in a fresh process; print JSON.
 
-    python -m benchmarks.threshold_worker qnnlib-threshold|nncf|nncf-ac TASK OUT [--max-drop 0.02]
+    python -m benchmarks.threshold_worker qnnlib-threshold|qnnlib-raise|nncf|nncf-ac TASK OUT [--max-drop 0.02]
+
+``qnnlib-raise`` is the threshold without the range search, weight clipping and bias correction
+(``QuantConfig(optimize=False)``): calibration, then raising alone, to compare with NNCF's reverting.
 
 ``nncf`` and ``nncf-ac`` must run under NNCF's own venv (``bench_threshold`` makes it). The task is
 rebuilt from ``benchmarks.tasks`` with the seeds ``bench_threshold`` uses: samples ``0..CALIB-1``
@@ -48,7 +51,7 @@ def _scorer(task: Task, feeds: list[dict[str, np.ndarray]],
     return evaluate
 
 
-def run_qnnlib(task: Task, out: Path, max_drop: float) -> dict[str, Any]:
+def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = None) -> dict[str, Any]:
     import qnnlib
     from qnnlib.graph.model_io import load_model, make_session
 
@@ -56,7 +59,7 @@ def run_qnnlib(task: Task, out: Path, max_drop: float) -> dict[str, Any]:
     validation = [{task.input_name: x} for x in task.calib[CALIB:CALIB + VALIDATION]]
     float_session = make_session(load_model(str(task.model_path)))
     evaluate = _scorer(task, validation, [float_session.run(None, f) for f in validation])
-    config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(eval_fn=evaluate, max_drop=max_drop))
+    config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(eval_fn=evaluate, max_drop=max_drop), optimize=optimize)
     start = time.perf_counter()
     result = qnnlib.quantize(str(task.model_path), calib, validation=validation, config=config)
     elapsed = time.perf_counter() - start
@@ -109,15 +112,15 @@ def run_nncf(task: Task, out: Path, max_drop: float, accuracy_control: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("tool", choices=("qnnlib-threshold", "nncf", "nncf-ac"))
+    parser.add_argument("tool", choices=("qnnlib-threshold", "qnnlib-raise", "nncf", "nncf-ac"))
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("out", type=Path)
     parser.add_argument("--max-drop", type=float, default=0.02)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     task = build_task(args.task)
-    if args.tool == "qnnlib-threshold":
-        stats = run_qnnlib(task, args.out, args.max_drop)
+    if args.tool.startswith("qnnlib"):
+        stats = run_qnnlib(task, args.out, args.max_drop, optimize=False if args.tool == "qnnlib-raise" else None)
     else:
         stats = run_nncf(task, args.out, args.max_drop, accuracy_control=args.tool == "nncf-ac")
     print(json.dumps(stats, default=float))
