@@ -6,14 +6,22 @@ Every quantised activation tensor ``t`` of tied group ``g`` is replaced, for all
 
 where ``s_g``, ``z_g``, ``qmin_g``, ``qmax_g`` (float32 scalars) and ``on_g`` (bool scalar) are graph
 inputs. So one onnxruntime session evaluates any scale, zero point, bit width, or on/off choice of
-any group without rebuilding the model. ``Round`` rounds half to even like QuantizeLinear. Weights
-and biases are the plan's quantised values, dequantised, as constants.
+any group without rebuilding the model. ``Round`` rounds half to even like QuantizeLinear.
+
+Weights and biases are the plan's quantised values, dequantised, as constants; or, with
+``weight_switches=True``, each planned weight ``W`` of a layer becomes a quantisation point of its own,
+
+    W_fq = Where(on_w, clip(Round(W / s_w), -qmax_w, qmax_w) * s_w, W)
+
+with the per-channel scales ``s_w`` (shaped to broadcast along the channel axis), ``-qmax_w``,
+``qmax_w`` and ``on_w`` as inputs, so any bit width of any layer's weights is one feed away; biases
+then stay float (their int32 rounding is far below any weight precision's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -28,6 +36,8 @@ from qnnlib.plan import ActivationParams, QuantPlan, WeightPlan
 
 #: The graph inputs of one group, in this order: scale, zero point, qmin, qmax, on.
 PARAMETER_FIELDS = ("scale", "zero_point", "qmin", "qmax", "on")
+#: A weight quantisation point: the layer's node name and the input index the weight enters at.
+WeightKey = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,8 @@ class Simulation:
     model: onnx.ModelProto
     inputs: dict[int, tuple[str, str, str, str, str]]
     simulated: dict[str, str]
+    weight_inputs: dict[WeightKey, tuple[str, str, str, str, str]] = field(default_factory=dict)
+    weight_shapes: dict[WeightKey, tuple[int, ...]] = field(default_factory=dict)
 
     def feeds(self, params: Mapping[int, ActivationParams], enabled: Container[int]) -> dict[str, np.ndarray]:
         """Parameter inputs for ``params`` (every group); groups not in ``enabled`` pass values through."""
@@ -51,24 +63,48 @@ class Simulation:
             feeds[names[4]] = np.array(on)
         return feeds
 
+    def weight_feeds(self, choices: Mapping[WeightKey, tuple[np.ndarray, int] | None]) -> dict[str, np.ndarray]:
+        """Parameter inputs of the weight quantisation points (``weight_switches=True``).
 
-def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
-    """The simulation model of ``plan`` over ``model`` (the normalised float model, unchanged)."""
+        ``choices`` maps ``(node, input index)`` to ``(per-channel scales, qmax)`` or None (float
+        weights); a weight not in ``choices`` stays float.
+        """
+        feeds: dict[str, np.ndarray] = {}
+        for key, (scale, zero, qmin, qmax, on) in self.weight_inputs.items():
+            choice = choices.get(key)
+            shape = self.weight_shapes[key]
+            scales = np.ones(shape, np.float32) if choice is None else np.asarray(choice[0], np.float32).reshape(shape)
+            bound = 0 if choice is None else int(choice[1])
+            feeds[scale] = scales
+            feeds[zero] = np.array(0, np.float32)
+            feeds[qmin] = np.array(-bound, np.float32)
+            feeds[qmax] = np.array(bound, np.float32)
+            feeds[on] = np.array(choice is not None)
+        return feeds
+
+
+def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches: bool = False) -> Simulation:
+    """The simulation model of ``plan`` over ``model`` (the normalised float model, unchanged).
+
+    ``weight_switches``: weights as quantisation points with their parameters as inputs (see the
+    module docstring) instead of the plan's dequantised constants.
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     index = GraphIndex(out)
     names = NameAllocator(out)
-    inputs: dict[int, tuple[str, str, str, str, str]] = {}
-    for group in plan.groups:
-        prefix = f"qnnlib_sim_g{group.id}"
-        inputs[group.id] = tuple(names.fresh(f"{prefix}_{field}") for field in PARAMETER_FIELDS)  # type: ignore[assignment]
-        for name in inputs[group.id][:4]:
-            out.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
-        out.graph.input.append(helper.make_tensor_value_info(inputs[group.id][4], TensorProto.BOOL, []))
-    _dequantised_weights(out, index, plan, names)
+    inputs = {group.id: _parameter_inputs(out, names, f"qnnlib_sim_g{group.id}", []) for group in plan.groups}
     simulated: dict[str, str] = {}
     after: dict[int, list[onnx.NodeProto]] = {}
     head: list[onnx.NodeProto] = []
+    weight_inputs: dict[WeightKey, tuple[str, str, str, str, str]] = {}
+    weight_shapes: dict[WeightKey, tuple[int, ...]] = {}
+    if weight_switches:
+        for key, (chain, params, shape) in _weight_points(out, index, plan, names).items():
+            head.extend(chain)
+            weight_inputs[key], weight_shapes[key] = params, shape
+    else:
+        _dequantised_weights(out, index, plan, names)
     for group in plan.groups:
         for member in group.members:
             producer = index.producer(member)
@@ -87,7 +123,19 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan) -> Simulation:
     replace_nodes(out, nodes)
     if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in out.opset_import):
         raise ValueError("the simulation model needs opset 13 or later (Round, Clip with inputs)")
-    return Simulation(out, inputs, simulated)
+    return Simulation(out, inputs, simulated, weight_inputs, weight_shapes)
+
+
+def _parameter_inputs(model: onnx.ModelProto, names: NameAllocator, prefix: str,
+                      scale_shape: list[int]) -> tuple[str, str, str, str, str]:
+    """Add the graph inputs of one quantisation point (:data:`PARAMETER_FIELDS`); return their names."""
+    params: tuple[str, str, str, str, str] = tuple(  # type: ignore[assignment]
+        names.fresh(f"{prefix}_{field}") for field in PARAMETER_FIELDS)
+    model.graph.input.append(helper.make_tensor_value_info(params[0], TensorProto.FLOAT, scale_shape))
+    for name in params[1:4]:
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, []))
+    model.graph.input.append(helper.make_tensor_value_info(params[4], TensorProto.BOOL, []))
+    return params
 
 
 def fake_quant_nodes(tensor: str, params: Sequence[str],
@@ -110,6 +158,32 @@ def fake_quant_nodes(tensor: str, params: Sequence[str],
     result = fresh(base)
     nodes.append(helper.make_node("Where", [on, previous, tensor], [result], name=fresh(f"{result}_node")))
     return nodes, result
+
+
+_WeightPoint = tuple[list[onnx.NodeProto], tuple[str, str, str, str, str], tuple[int, ...]]
+
+
+def _weight_points(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan,
+                   names: NameAllocator) -> dict[WeightKey, _WeightPoint]:
+    """Make each planned weight a quantisation point with its parameters as graph inputs.
+
+    Returns, per weight, the nodes computing it, its parameter inputs' names and its scale's shape.
+    """
+    nodes = {n.name: n for n in model.graph.node}
+    points: dict[WeightKey, _WeightPoint] = {}
+    for wp in plan.weights:
+        if wp.kind != "weight":
+            continue
+        key = (wp.node, wp.input_index)
+        value = index.constant(wp.tensor)
+        shape = [1] * value.ndim
+        if wp.axis is not None and len(wp.scales) > 1:
+            shape[wp.axis % value.ndim] = value.shape[wp.axis % value.ndim]
+        params = _parameter_inputs(model, names, f"qnnlib_sim_w_{wp.node}_{wp.input_index}", shape)
+        chain, simulated = fake_quant_nodes(wp.tensor, params, names.fresh)
+        nodes[wp.node].input[wp.input_index] = simulated
+        points[key] = (chain, params, tuple(shape))
+    return points
 
 
 def _dequantised_weights(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan, names: NameAllocator) -> None:
