@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
-import onnx
 
 from qnnlib.calibration.collect import CalibrationStats, collect
-from qnnlib.calibration.feeds import Feed, FeedSource, InputSpec, input_specs
+from qnnlib.calibration.feeds import Feed, FeedSource
 from qnnlib.config import QuantConfig
 from qnnlib.emit.qdq import Emitted, emit_qdq
 from qnnlib.errors import ConfigError, ThresholdError
 from qnnlib.evaluate import measure
 from qnnlib.fusion import checked_session
 from qnnlib.graph.index import GraphIndex
-from qnnlib.graph.model_io import ModelLike, check_model, load_model
-from qnnlib.graph.normalize import NormalizedModel, normalize
-from qnnlib.graph.select import Selection, match_excluded, select
-from qnnlib.graph.tying import TiedGroup, tie_groups
+from qnnlib.graph.model_io import ModelLike, check_model
+from qnnlib.graph.select import Selection
 from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import FLOAT, WIDER, qtype
 from qnnlib.optimize.bias import bias_corrections
@@ -40,6 +34,7 @@ from qnnlib.optimize.raising import (
 from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
+from qnnlib.prepare import PreparedModel, Timer, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
 
@@ -55,36 +50,6 @@ REUSED_VALIDATION = 16
 RAISED_MARGIN = 2.0
 
 
-class _Timer:
-    """Wall time per phase, in the order the phases ran."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class _Model:
-    """The normalised float model and what selection made of it."""
-
-    specs: tuple[InputSpec, ...]
-    normalized: NormalizedModel
-    index: GraphIndex
-    selection: Selection
-    groups: tuple[TiedGroup, ...]
-
-    @property
-    def float_model(self) -> onnx.ModelProto:
-        return self.normalized.model
-
-
 def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
              config: QuantConfig | None = None) -> QuantResult:
     """Quantise a float ONNX model to an int8 QDQ model that onnxruntime runs on integer kernels.
@@ -98,8 +63,8 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a qnnlib.QuantConfig, got {type(config).__name__}")
-    timer = _Timer()
-    m = _prepare(model, config, timer)
+    timer = Timer()
+    m = prepare(model, config, timer)
     holdout = HOLDOUT_EVERY if config.threshold is not None and validation is None else 0
     replay = max(config.report_samples, config.optimize_samples if config.optimizing else 0)
     with ExitStack() as stack:
@@ -157,23 +122,7 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
     return QuantResult(emitted.model, report, plan)
 
 
-def _prepare(model: ModelLike, config: QuantConfig, timer: _Timer) -> _Model:
-    with timer("load"):
-        proto = load_model(model)
-        check_model(proto)
-        specs = input_specs(proto)
-    with timer("normalize"):
-        normalized = normalize(proto, fold_batchnorm_nodes=config.fold_batchnorm)
-    with timer("select"):
-        index = GraphIndex(normalized.model)
-        excluded = _excluded_nodes(index, config)
-        selection = select(index, excluded=excluded, per_channel=config.per_channel and normalized.per_channel_ok)
-        _check_overrides(index, selection, config)
-        groups = tie_groups(selection.activations, selection.ties)
-    return _Model(specs, normalized, index, selection, groups)
-
-
-def _optimize(m: _Model, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed],
+def _optimize(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed],
               config: QuantConfig) -> tuple[QuantPlan, dict[int, RangeChoice], dict[str, np.ndarray]]:
     """Search ranges and rebuild the plan on them, with weight clipping and bias correction.
 
@@ -202,7 +151,7 @@ def _validation(given: FeedSource | None, feeds: FeedSource) -> tuple[list[Feed]
     return samples, f"{len(samples)} calibration samples reused (too few to hold any back; pass validation=)"
 
 
-def _meet(m: _Model, config: QuantConfig, stats: CalibrationStats, ranges: Mapping[int, RangeChoice],
+def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges: Mapping[int, RangeChoice],
           corrections: Mapping[str, np.ndarray], *, initial: tuple[QuantPlan, Emitted], evaluator: Evaluator,
           samples: list[Feed]) -> Outcome:
     """Raise the most harmful tied groups until the threshold is met on ``samples``."""
@@ -252,32 +201,6 @@ def _extent(members: tuple[str, ...], extremes: Mapping[str, tuple[float, float]
 def _widened(extent: tuple[float, float] | None) -> tuple[float, float] | None:
     """``extent`` scaled by ``RAISED_MARGIN`` about zero (a bound at zero stays there)."""
     return None if extent is None else (extent[0] * RAISED_MARGIN, extent[1] * RAISED_MARGIN)
-
-
-def _excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:
-    excluded, unmatched = match_excluded(index, config.exclude, config.exclude_op_types)
-    if unmatched:
-        names = [n.name for n in index.nodes]
-        close = difflib.get_close_matches(unmatched[0], names, n=3)
-        hint = f"; did you mean {close}?" if close else f"; nodes are named like {names[:3]}"
-        raise ConfigError(f"exclude pattern {unmatched[0]!r} matches no node of the model{hint}")
-    return excluded
-
-
-def _check_overrides(index: GraphIndex, selection: Selection, config: QuantConfig) -> None:
-    quantized = set(selection.activations)
-    for name in config.overrides:
-        if name in quantized:
-            continue
-        known = index.producer(name) is not None or name in index.graph_inputs or index.is_constant(name)
-        if known:
-            raise ConfigError(
-                f"override for tensor {name!r}: it is not quantised (no quantised layer reads or writes it); "
-                "overrides apply to quantised activations"
-            )
-        close = difflib.get_close_matches(name, list(quantized), n=3)
-        raise ConfigError(f"override for tensor {name!r}: the model has no such tensor" +
-                          (f"; did you mean {close}?" if close else ""))
 
 
 def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:

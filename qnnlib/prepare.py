@@ -1,0 +1,97 @@
+"""Load, check, normalise and select: what every entry point does to a model before calibrating it."""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import onnx
+
+from qnnlib.calibration.feeds import InputSpec, input_specs
+from qnnlib.config import QuantConfig
+from qnnlib.errors import ConfigError
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.model_io import ModelLike, check_model, load_model
+from qnnlib.graph.normalize import NormalizedModel, normalize
+from qnnlib.graph.select import Selection, match_excluded, select
+from qnnlib.graph.tying import TiedGroup, tie_groups
+
+
+class Timer:
+    """Wall time per phase, in the order the phases ran."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        """Add the time spent inside the ``with`` block to ``phase``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The normalised float model and what selection made of it."""
+
+    specs: tuple[InputSpec, ...]
+    normalized: NormalizedModel
+    index: GraphIndex
+    selection: Selection
+    groups: tuple[TiedGroup, ...]
+
+    @property
+    def float_model(self) -> onnx.ModelProto:
+        """The normalised float model everything is planned on."""
+        return self.normalized.model
+
+
+def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedModel:
+    """Load and check ``model`` (never modified), normalise it, select what is quantised, tie groups."""
+    with timer("load"):
+        proto = load_model(model)
+        check_model(proto)
+        specs = input_specs(proto)
+    with timer("normalize"):
+        normalized = normalize(proto, fold_batchnorm_nodes=config.fold_batchnorm)
+    with timer("select"):
+        index = GraphIndex(normalized.model)
+        excluded = excluded_nodes(index, config)
+        selection = select(index, excluded=excluded, per_channel=config.per_channel and normalized.per_channel_ok)
+        check_overrides(index, selection, config)
+        groups = tie_groups(selection.activations, selection.ties)
+    return PreparedModel(specs, normalized, index, selection, groups)
+
+
+def excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:
+    """Nodes ``config.exclude`` and ``exclude_op_types`` keep in float; ConfigError for a pattern matching none."""
+    excluded, unmatched = match_excluded(index, config.exclude, config.exclude_op_types)
+    if unmatched:
+        names = [n.name for n in index.nodes]
+        close = difflib.get_close_matches(unmatched[0], names, n=3)
+        hint = f"; did you mean {close}?" if close else f"; nodes are named like {names[:3]}"
+        raise ConfigError(f"exclude pattern {unmatched[0]!r} matches no node of the model{hint}")
+    return excluded
+
+
+def check_overrides(index: GraphIndex, selection: Selection, config: QuantConfig) -> None:
+    """ConfigError for an override naming a tensor that does not exist or is not quantised."""
+    quantized = set(selection.activations)
+    for name in config.overrides:
+        if name in quantized:
+            continue
+        known = index.producer(name) is not None or name in index.graph_inputs or index.is_constant(name)
+        if known:
+            raise ConfigError(
+                f"override for tensor {name!r}: it is not quantised (no quantised layer reads or writes it); "
+                "overrides apply to quantised activations"
+            )
+        close = difflib.get_close_matches(name, list(quantized), n=3)
+        raise ConfigError(f"override for tensor {name!r}: the model has no such tensor" +
+                          (f"; did you mean {close}?" if close else ""))
