@@ -24,6 +24,7 @@ from qnnlib.errors import (
 from qnnlib.plan import QuantPlan
 from qnnlib.report import Report
 from qnnlib.result import QuantResult
+from qnnlib.sensitivity import SensitivityReport, analyze_sensitivity
 from qnnlib.threshold import Threshold
 from qnnlib.version import __version__
 
@@ -44,11 +45,13 @@ __all__ = [
     "QuantPlan",
     "QuantResult",
     "Report",
+    "SensitivityReport",
     "SessionError",
     "TensorOverride",
     "Threshold",
     "ThresholdError",
     "UnsupportedModelError",
     "__version__",
+    "analyze_sensitivity",
     "quantize",
 ]

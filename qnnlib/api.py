@@ -34,6 +34,7 @@ from qnnlib.optimize.raising import (
 from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
+from qnnlib.precision import extent, widened
 from qnnlib.prepare import PreparedModel, Timer, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 HOLDOUT_EVERY = 4
 #: Calibration samples reused for the threshold check when too few can be held back.
 REUSED_VALIDATION = 16
-#: A group raised to 16 bits covers this multiple of its observed extent: inputs beyond what
-#: calibration saw would otherwise clip, and clipping, not rounding, then limits the error; one
-#: bit of the sixteen pays for the doubled range.
-RAISED_MARGIN = 2.0
 
 
 def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
@@ -159,7 +156,7 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
     wide = WIDER[config.activation_type]
     searched = {gid: c.range for gid, c in ranges.items() if c.after < c.before}
     # a raised group takes its whole observed range and a margin: rounding is negligible, clipping is not
-    extents = {g.id: _widened(_extent(g.members, stats.extremes)) for g in initial[0].groups}
+    extents = {g.id: widened(extent(g.members, stats.extremes)) for g in initial[0].groups}
 
     def build(raised: Mapping[int, str]) -> tuple[QuantPlan, Emitted]:
         choices = {gid: GroupChoice(range=searched.get(gid)) for gid in searched}
@@ -178,29 +175,18 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
         wide_qtype = qtype(wide)
         params = {}
         for g in plan.groups:
-            extent = extents[g.id]
-            if g.params.qtype == FLOAT or g.params.source == "override" or extent is None:
+            span = extents[g.id]
+            if g.params.qtype == FLOAT or g.params.source == "override" or span is None:
                 continue
-            scale, zero = affine.activation_qparams(extent[0], extent[1], wide_qtype,
+            scale, zero = affine.activation_qparams(span[0], span[1], wide_qtype,
                                                     symmetric=config.activation_symmetric)
-            params[g.id] = ActivationParams(wide, float(scale), int(zero), extent, "raised")
+            params[g.id] = ActivationParams(wide, float(scale), int(zero), span, "raised")
         return params
 
     levels = [p for p in config.precisions if p != "int8"]
     ranking = samples[:HARM_SAMPLES]
     return meet_threshold(evaluator, initial, build,
                           lambda plan: group_harm(m.float_model, plan, raised_params(plan), ranking), levels)
-
-
-def _extent(members: tuple[str, ...], extremes: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
-    """The union of the observed ``(min, max)`` of the members that were observed."""
-    seen = [extremes[m] for m in members if m in extremes]
-    return (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else None
-
-
-def _widened(extent: tuple[float, float] | None) -> tuple[float, float] | None:
-    """``extent`` scaled by ``RAISED_MARGIN`` about zero (a bound at zero stays there)."""
-    return None if extent is None else (extent[0] * RAISED_MARGIN, extent[1] * RAISED_MARGIN)
 
 
 def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:

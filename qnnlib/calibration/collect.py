@@ -55,11 +55,18 @@ class CalibrationStats:
     nonfinite: dict[str, int] = field(default_factory=dict)
     references: list[Reference] = field(default_factory=list)
     extremes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Per tensor, the least-squared-error range at ``low_bit_levels`` levels, when asked for.
+    low_bit_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, method: CalibrationMethod,
-            *, levels: int, symmetric: bool, capture: Sequence[str] = (), capture_samples: int = 0) -> CalibrationStats:
-    """Observe ``observe`` over every feed and return each tensor's chosen range (see the module docstring)."""
+            *, levels: int, symmetric: bool, capture: Sequence[str] = (), capture_samples: int = 0,
+            low_bit_levels: int | None = None) -> CalibrationStats:
+    """Observe ``observe`` over every feed and return each tensor's chosen range (see the module docstring).
+
+    ``low_bit_levels``: also give each tensor's least-squared-error range at that many levels (for
+    4-bit precisions, where clipping decides: :meth:`Observer.mse_range_at`).
+    """
     observers: dict[str, Observer] = {t: method.observer(levels, symmetric) for t in observe}
     graph_outputs = [o.name for o in model.graph.output]
     wanted = list(dict.fromkeys([*observe, *capture, *graph_outputs])) if capture_samples else list(observe)
@@ -107,7 +114,10 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
     extremes = {t: (float(o.min_), float(o.max_)) for t, o in observers.items() if np.isfinite(o.min_)}
-    return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes)
+    low_bit = ({t: observers[t].mse_range_at(low_bit_levels, symmetric) for t in observe}
+               if low_bit_levels is not None else {})
+    return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes,
+                            low_bit)
 
 
 def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int], *,

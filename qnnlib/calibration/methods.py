@@ -37,6 +37,9 @@ class Observer(Protocol):
     def range_(self) -> tuple[float, float]:
         """The chosen clipping range ``(lo, hi)``."""
 
+    def mse_range_at(self, levels: int, symmetric: bool) -> tuple[float, float]:
+        """The range of least squared quantisation error at ``levels`` levels (min-max without a histogram)."""
+
 
 class MinMaxObserver:
     """Running minimum and maximum."""
@@ -61,6 +64,10 @@ class MinMaxObserver:
         if not self.seen:
             return 0.0, 0.0
         return self.min_, self.max_
+
+    def mse_range_at(self, levels: int, symmetric: bool) -> tuple[float, float]:
+        """Min-max: this observer keeps no histogram to price clipping with."""
+        return self.range_
 
 
 class HistogramObserver(MinMaxObserver):
@@ -109,6 +116,16 @@ class HistogramObserver(MinMaxObserver):
             counts = hist.counts
         lo, hi = self.method.choose(counts, hist.centers(), self.min_, self.max_, levels=self.levels,
                                     symmetric=self.symmetric)
+        return max(lo, self.min_), min(hi, self.max_)
+
+    def mse_range_at(self, levels: int, symmetric: bool) -> tuple[float, float]:
+        """:func:`mse_range` over this histogram (exact zeros left out) at ``levels`` levels."""
+        if not self.seen or self.min_ == self.max_:
+            return self.range_
+        hist = self.histogram
+        counts = hist.nonzero_counts()
+        lo, hi = mse_range(counts if counts.any() else hist.counts, hist.centers(), self.min_, self.max_,
+                           levels=levels, symmetric=symmetric, candidates=MSE.candidates)
         return max(lo, self.min_), min(hi, self.max_)
 
 

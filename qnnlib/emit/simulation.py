@@ -94,7 +94,6 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches
     index = GraphIndex(out)
     names = NameAllocator(out)
     inputs = {group.id: _parameter_inputs(out, names, f"qnnlib_sim_g{group.id}", []) for group in plan.groups}
-    simulated: dict[str, str] = {}
     after: dict[int, list[onnx.NodeProto]] = {}
     head: list[onnx.NodeProto] = []
     weight_inputs: dict[WeightKey, tuple[str, str, str, str, str]] = {}
@@ -105,13 +104,7 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches
             weight_inputs[key], weight_shapes[key] = params, shape
     else:
         _dequantised_weights(out, index, plan, names)
-    for group in plan.groups:
-        for member in group.members:
-            producer = index.producer(member)
-            if producer is None and member not in index.graph_inputs and not index.is_constant(member):
-                continue
-            chain, simulated[member] = fake_quant_nodes(member, inputs[group.id], names.fresh)
-            (after.setdefault(id(producer), []) if producer is not None else head).extend(chain)
+    simulated = _activation_points(out, index, plan, inputs, names, head=head, after=after)
     for node in out.graph.node:
         for i, name in enumerate(node.input):
             if name in simulated:
@@ -138,11 +131,38 @@ def _parameter_inputs(model: onnx.ModelProto, names: NameAllocator, prefix: str,
     return params
 
 
-def fake_quant_nodes(tensor: str, params: Sequence[str],
-                     fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], str]:
+def _activation_points(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan,
+                       inputs: Mapping[int, tuple[str, str, str, str, str]], names: NameAllocator, *,
+                       head: list[onnx.NodeProto], after: dict[int, list[onnx.NodeProto]]) -> dict[str, str]:
+    """Make every quantised member a quantisation point; return each member's simulated name.
+
+    A point's nodes go to ``head`` when the member has no producer (a model input, a constant), else
+    to ``after[id(producer)]``.
+    """
+    outputs = {o.name for o in model.graph.output}
+    simulated: dict[str, str] = {}
+    for group in plan.groups:
+        for member in group.members:
+            producer = index.producer(member)
+            if producer is None and member not in index.graph_inputs and not index.is_constant(member):
+                continue
+            if producer is not None and member in outputs:
+                # a graph output keeps its name and carries the simulated value, as in the QDQ model
+                raw = names.fresh(f"{member}_float")
+                producer.output[list(producer.output).index(member)] = raw
+                chain, simulated[member] = fake_quant_nodes(raw, inputs[group.id], names.fresh, result=member)
+            else:
+                chain, simulated[member] = fake_quant_nodes(member, inputs[group.id], names.fresh)
+            (after.setdefault(id(producer), []) if producer is not None else head).extend(chain)
+    return simulated
+
+
+def fake_quant_nodes(tensor: str, params: Sequence[str], fresh: Callable[[str], str],
+                     result: str | None = None) -> tuple[list[onnx.NodeProto], str]:
     """The nodes computing ``Where(on, (clip(round(t / s) + z, qmin, qmax) - z) * s, t)``; ``fresh`` makes names.
 
-    ``params`` are the names of the scale, zero point, qmin, qmax and on inputs.
+    ``params`` are the names of the scale, zero point, qmin, qmax and on inputs; ``result`` names
+    the output (a fresh name by default).
     """
     scale, zero, qmin, qmax, on = params
     base = f"{tensor}_sim"
@@ -155,7 +175,7 @@ def fake_quant_nodes(tensor: str, params: Sequence[str],
         inputs = [previous] if args is None else [previous if a is None else a for a in args]
         nodes.append(helper.make_node(op, inputs, [output], name=fresh(f"{output}_node")))
         previous = output
-    result = fresh(base)
+    result = result if result is not None else fresh(base)
     nodes.append(helper.make_node("Where", [on, previous, tensor], [result], name=fresh(f"{result}_node")))
     return nodes, result
 

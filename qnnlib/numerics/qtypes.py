@@ -28,14 +28,21 @@ class QType:
         """Number of representable values, ``qmax - qmin + 1``."""
         return self.qmax - self.qmin + 1
 
+    @property
+    def bits(self) -> int:
+        """Bit width, ``log2(levels)``."""
+        return self.levels.bit_length() - 1
 
+
+UINT4 = QType("uint4", np.uint8, TensorProto.UINT4, 0, 15)
+INT4 = QType("int4", np.int8, TensorProto.INT4, -8, 7)
 UINT8 = QType("uint8", np.uint8, TensorProto.UINT8, 0, 255)
 INT8 = QType("int8", np.int8, TensorProto.INT8, -128, 127)
 UINT16 = QType("uint16", np.uint16, TensorProto.UINT16, 0, 65535)
 INT16 = QType("int16", np.int16, TensorProto.INT16, -32768, 32767)
 INT32 = QType("int32", np.int32, TensorProto.INT32, -(2**31), 2**31 - 1)
 
-QTYPES: dict[str, QType] = {t.name: t for t in (UINT8, INT8, UINT16, INT16, INT32)}
+QTYPES: dict[str, QType] = {t.name: t for t in (UINT4, INT4, UINT8, INT8, UINT16, INT16, INT32)}
 
 #: The precision of a tied group kept in float: no Q/DQ is written for it.
 FLOAT = "float"
@@ -48,7 +55,7 @@ def precision_name(qtype_name: str) -> str:
     """How a report names a storage type: ``int8`` for 8-bit, ``int16`` for 16-bit, or ``float``."""
     if qtype_name == FLOAT:
         return FLOAT
-    return f"int{np.dtype(QTYPES[qtype_name].np_dtype).itemsize * 8}"
+    return f"int{QTYPES[qtype_name].bits}"
 
 ACTIVATION_TYPES = ("uint8", "int8")
 WEIGHT_TYPES = ("int8",)

@@ -1,0 +1,317 @@
+"""``qnnlib.analyze_sensitivity``: what each tied group's precision costs at the model's outputs.
+
+One float calibration pass gives every group's parameters at every precision
+(:mod:`qnnlib.precision`: a group's precision covers its activations and the weights of the layers
+that read it). One simulation model (:mod:`qnnlib.emit.simulation`, weights as switchable
+quantisation points), built once, then evaluates any configuration through its inputs alone. For
+each group ``g`` and candidate precision ``p``:
+
+* ``only[p]``: the metric with ``g`` at ``p`` and everything else float;
+* ``all_but[p]``: the metric with every group at ``p`` except ``g``, which stays float;
+
+and ``all_lowered[p]``, everything at ``p``. The metric is the threshold's when ``config`` has one
+(an ``eval_fn`` receives a session on the simulation model with the configuration fed in), else
+the SQNR of all outputs in dB. Every entry also keeps the output error
+
+    E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (summed over samples)
+
+which adds up over groups when their errors are independent: the quantity a mixed-precision
+assignment can be estimated with.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from qnnlib.calibration.collect import CalibrationStats, collect
+from qnnlib.calibration.feeds import Feed, FeedSource
+from qnnlib.config import QuantConfig
+from qnnlib.emit.simulation import Simulation, WeightKey, build_simulation
+from qnnlib.errors import ConfigError
+from qnnlib.graph.model_io import ModelLike, make_session
+from qnnlib.numerics.qtypes import qtype
+from qnnlib.optimize.raising import output_error
+from qnnlib.plan import ActivationParams, QuantPlan
+from qnnlib.planner import build_plan
+from qnnlib.precision import BITS, group_params, owned_weights, weight_scales_at
+from qnnlib.prepare import Timer, prepare
+from qnnlib.progress import Progress
+from qnnlib.threshold import LOWER_IS_BETTER, output_metric
+
+log = logging.getLogger(__name__)
+
+#: Precisions analysed when none are given.
+DEFAULT_PRECISIONS = ("int4", "int8", "int16")
+#: Calibration samples each configuration is measured on, when not given.
+DEFAULT_SAMPLES = 8
+#: Levels of the 4-bit ranges the calibration pass gives.
+LOW_BIT_LEVELS = 16
+
+
+@dataclass(frozen=True)
+class GroupSensitivity:
+    """One tied group: what it holds, and the metric and output error per precision (see the module docstring)."""
+
+    group: int
+    tensor: str
+    members: tuple[str, ...]
+    layers: tuple[str, ...]
+    weights: int
+    only: dict[str, float]
+    all_but: dict[str, float]
+    only_error: dict[str, float]
+    all_but_error: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """Per-group sensitivities, the whole model at each precision, and what the analysis cost.
+
+    ``higher_is_better`` orients ``metric``; ``float_pass_seconds`` is one float pass over the same
+    samples, so ``seconds / float_pass_seconds`` is the analysis's cost in float passes.
+    """
+
+    metric: str
+    higher_is_better: bool
+    precisions: tuple[str, ...]
+    groups: tuple[GroupSensitivity, ...]
+    all_lowered: dict[str, float]
+    all_lowered_error: dict[str, float]
+    samples: int
+    generated: bool
+    unowned_layers: tuple[str, ...]
+    seconds: float
+    float_pass_seconds: float
+
+    @property
+    def float_passes(self) -> float:
+        """The analysis's wall time as a multiple of one float pass over the same samples."""
+        return self.seconds / self.float_pass_seconds if self.float_pass_seconds > 0 else math.inf
+
+    def ranking(self, precision: str) -> list[GroupSensitivity]:
+        """Groups from most to least sensitive at ``precision``: worst metric when only that group is lowered."""
+        if precision not in self.precisions:
+            raise ConfigError(f"precision {precision!r} was not analysed; analysed: {self.precisions}")
+
+        def badness(g: GroupSensitivity) -> tuple[float, float]:
+            value = g.only[precision]
+            return (-value if self.higher_is_better else value), g.only_error[precision]
+
+        return sorted(self.groups, key=badness, reverse=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {**asdict(self), "float_passes": self.float_passes}
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The report as JSON (``kwargs`` go to :func:`json.dumps`)."""
+        return json.dumps(self.to_dict(), default=float, **kwargs)
+
+    def _rows(self) -> list[list[str]]:
+        head = ["group", "layers", *[f"{p} only" for p in self.precisions], *[f"{p} all but" for p in self.precisions]]
+        rows = [head]
+        for g in self.ranking(self.precisions[0]):
+            rows.append([g.tensor, str(len(g.layers)), *[f"{g.only[p]:.4g}" for p in self.precisions],
+                         *[f"{g.all_but[p]:.4g}" for p in self.precisions]])
+        return rows
+
+    def to_text(self) -> str:
+        """A readable table, most sensitive group first (at the lowest precision analysed)."""
+        data = "generated inputs" if self.generated else "calibration samples"
+        lines = [f"sensitivity ({self.metric}) on {self.samples} {data}; {self.seconds:.1f}s = "
+                 f"{self.float_passes:.1f} float passes",
+                 "all lowered: " + ", ".join(f"{p} {self.all_lowered[p]:.4g}" for p in self.precisions)]
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            cells = zip(r, widths, strict=True)
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+        if self.unowned_layers:
+            lines.append(f"weights left float in every configuration (no quantised input or output): "
+                         f"{list(self.unowned_layers)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def _repr_html_(self) -> str:
+        rows = self._rows()
+        cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+        title = html.escape(self.to_text().splitlines()[0])
+        return f"<p>{title}</p><table><tr>{head}</tr>{cells}</table>"
+
+
+class SimulatedSession:
+    """An onnxruntime-like session on the simulation model with one configuration's parameters fed.
+
+    What a user's ``eval_fn`` receives: ``run``, ``get_inputs`` (the model's own inputs only) and
+    ``get_outputs`` behave as on the quantised model.
+    """
+
+    def __init__(self, session: Any, switches: Mapping[str, np.ndarray], inputs: Sequence[str]) -> None:
+        self._session = session
+        self._switches = dict(switches)
+        self._inputs = set(inputs)
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None) -> Any:
+        """``InferenceSession.run`` with the configuration's parameters added to the feeds."""
+        return self._session.run(output_names, {**input_feed, **self._switches}, run_options)
+
+    def get_inputs(self) -> list[Any]:
+        """The model's inputs (the configuration's parameter inputs are hidden)."""
+        return [i for i in self._session.get_inputs() if i.name in self._inputs]
+
+    def get_outputs(self) -> list[Any]:
+        """The model's outputs."""
+        return list(self._session.get_outputs())
+
+
+def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantConfig | None = None,
+                        precisions: Sequence[str] = DEFAULT_PRECISIONS, samples: int = DEFAULT_SAMPLES,
+                        progress: bool | None = None) -> SensitivityReport:
+    """Measure each tied group's sensitivity at each precision; see the module docstring.
+
+    ``calib``: the forms :func:`qnnlib.quantize` takes, or None for generated inputs. ``samples``:
+    the calibration samples each configuration is measured on (the first ones). ``progress``: a
+    progress bar on stderr (default: when stderr is a terminal).
+    """
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a qnnlib.QuantConfig, got {type(config).__name__}")
+    precisions = tuple(dict.fromkeys(precisions))
+    unknown = [p for p in precisions if p not in BITS]
+    if unknown or not precisions:
+        raise ConfigError(f"precisions must be a non-empty subset of {tuple(BITS)}, got {precisions!r}")
+    if samples < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
+    start = time.perf_counter()
+    m = prepare(model, config, Timer())
+    with FeedSource(calib, m.specs, max_samples=config.max_calibration_samples, replay=samples,
+                    rng=np.random.default_rng(config.seed)) as feeds:
+        stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
+                        levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
+                        low_bit_levels=LOW_BIT_LEVELS)
+        plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
+        chosen = list(feeds.take(samples))
+        generated = feeds.generated
+    configs = _Configurations(m.float_model, plan, config, stats, precisions)
+    score = _scorer(m.float_model, configs.sim, chosen, config)
+    float_pass = score.float_pass_seconds
+    gids = [g.id for g in plan.groups if any(configs.params[p].get(g.id) for p in precisions)]
+    bar = Progress(len(precisions) * (2 * len(gids) + 1), "sensitivity", enabled=progress)
+    all_lowered: dict[str, tuple[float, float]] = {}
+    only: dict[int, dict[str, tuple[float, float]]] = {g: {} for g in gids}
+    all_but: dict[int, dict[str, tuple[float, float]]] = {g: {} for g in gids}
+    try:
+        for p in precisions:
+            all_lowered[p] = score(configs.feeds(dict.fromkeys(gids, p)))
+            bar.advance()
+            for gid in gids:
+                only[gid][p] = score(configs.feeds({gid: p}))
+                bar.advance()
+                all_but[gid][p] = score(configs.feeds({g: p for g in gids if g != gid}))
+                bar.advance()
+    finally:
+        bar.close()
+    groups = tuple(
+        GroupSensitivity(gid, plan.groups[gid].members[0], plan.groups[gid].members,
+                         tuple(dict.fromkeys(wp.node for wp in configs.owned.get(gid, ()))),
+                         sum(int(np.prod(configs.weight_shape(wp.tensor))) for wp in configs.owned.get(gid, ())),
+                         {p: v[0] for p, v in only[gid].items()}, {p: v[0] for p, v in all_but[gid].items()},
+                         {p: v[1] for p, v in only[gid].items()}, {p: v[1] for p, v in all_but[gid].items()})
+        for gid in gids
+    )
+    owned_nodes = {wp.node for ws in configs.owned.values() for wp in ws}
+    unowned = tuple(dict.fromkeys(wp.node for wp in plan.weights if wp.kind == "weight" and wp.node not in owned_nodes))
+    metric = config.threshold.name if config.threshold is not None else "sqnr"
+    return SensitivityReport(metric, metric not in LOWER_IS_BETTER, precisions, groups,
+                             {p: v[0] for p, v in all_lowered.items()}, {p: v[1] for p, v in all_lowered.items()},
+                             len(chosen), generated, unowned, time.perf_counter() - start, float_pass)
+
+
+class _Configurations:
+    """Every group's parameters and owned weights' scales at every precision, as simulation feeds."""
+
+    def __init__(self, float_model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, stats: CalibrationStats,
+                 precisions: Sequence[str]) -> None:
+        self.plan = plan
+        self.sim: Simulation = build_simulation(float_model, plan, weight_switches=True)
+        self.owned = owned_weights(plan)
+        self._values = {init.name: init for init in float_model.graph.initializer}
+        self.params: dict[str, dict[int, ActivationParams]] = {}
+        self.weights: dict[str, dict[WeightKey, tuple[np.ndarray, int]]] = {}
+        for p in precisions:
+            self.params[p] = {}
+            for g in plan.groups:
+                params = group_params(g, p, activation_type=config.activation_type,
+                                      symmetric=config.activation_symmetric, extremes=stats.extremes,
+                                      low_bit_ranges=stats.low_bit_ranges)
+                if params is not None:
+                    self.params[p][g.id] = params
+            self.weights[p] = {(wp.node, wp.input_index): weight_scales_at(wp, self._weight(wp.tensor), p)
+                               for ws in self.owned.values() for wp in ws}
+
+    def _weight(self, name: str) -> np.ndarray:
+        return np.asarray(onnx.numpy_helper.to_array(self._values[name]), np.float32)
+
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of weight ``name``."""
+        return tuple(self._values[name].dims)
+
+    def feeds(self, levels: Mapping[int, str]) -> dict[str, np.ndarray]:
+        """Simulation inputs with each group in ``levels`` (and its owned weights) at its precision, the rest float."""
+        params = {g.id: g.params for g in self.plan.groups}
+        enabled = set()
+        for gid, p in levels.items():
+            if gid in self.params[p]:
+                params[gid] = self.params[p][gid]
+                enabled.add(gid)
+        weights = {(wp.node, wp.input_index): self.weights[p][(wp.node, wp.input_index)]
+                   for gid, p in levels.items() for wp in self.owned.get(gid, ())}
+        return {**self.sim.feeds(params, enabled), **self.sim.weight_feeds(weights)}
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """The metric and output error of one configuration's feeds, on the analysis samples."""
+
+    metric: Callable[[dict[str, np.ndarray], list[list[np.ndarray]]], float]
+    session: Any
+    samples: list[Feed]
+    reference: list[list[np.ndarray]]
+    outputs: list[str]
+    float_pass_seconds: float
+
+    def __call__(self, switches: dict[str, np.ndarray]) -> tuple[float, float]:
+        got = [self.session.run(self.outputs, {**f, **switches}) for f in self.samples]
+        return float(self.metric(switches, got)), output_error(self.reference, got)
+
+
+def _scorer(float_model: onnx.ModelProto, sim: Simulation, samples: list[Feed], config: QuantConfig) -> _Scorer:
+    """Time one float pass over ``samples`` (its outputs are the reference) and make the scorer."""
+    float_session = make_session(float_model, log_errors_as="float model")
+    outputs = [o.name for o in float_model.graph.output]
+    begin = time.perf_counter()
+    reference = [float_session.run(outputs, f) for f in samples]
+    float_pass = time.perf_counter() - begin
+    session = make_session(sim.model, optimization="basic", log_errors_as="simulation model")
+    threshold = config.threshold
+    inputs = [i.name for i in float_model.graph.input]
+
+    def metric(switches: dict[str, np.ndarray], got: list[list[np.ndarray]]) -> float:
+        if threshold is not None and threshold.eval_fn is not None:
+            return float(threshold.eval_fn(SimulatedSession(session, switches, inputs)))
+        return output_metric(threshold.metric if threshold is not None else "sqnr", reference, got)  # type: ignore[arg-type]
+
+    return _Scorer(metric, session, samples, reference, outputs, float_pass)
