@@ -38,9 +38,10 @@ from qnnlib.calibration.feeds import Feed, FeedSource
 from qnnlib.config import QuantConfig
 from qnnlib.emit.simulation import Simulation, WeightKey, build_simulation
 from qnnlib.errors import ConfigError
+from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import ModelLike, make_session
 from qnnlib.numerics.qtypes import qtype
-from qnnlib.optimize.raising import output_error
+from qnnlib.optimize.error import output_error, region_outputs
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import build_plan
 from qnnlib.precision import BITS, group_params, owned_weights, weight_scales_at
@@ -159,22 +160,25 @@ class SimulatedSession:
     ``get_outputs`` behave as on the quantised model.
     """
 
-    def __init__(self, session: Any, switches: Mapping[str, np.ndarray], inputs: Sequence[str]) -> None:
+    def __init__(self, session: Any, switches: Mapping[str, np.ndarray], inputs: Sequence[str],
+                 outputs: Sequence[str]) -> None:
         self._session = session
         self._switches = dict(switches)
         self._inputs = set(inputs)
+        self._outputs = set(outputs)
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], run_options: Any = None) -> Any:
         """``InferenceSession.run`` with the configuration's parameters added to the feeds."""
-        return self._session.run(output_names, {**input_feed, **self._switches}, run_options)
+        names = [o.name for o in self.get_outputs()] if output_names is None else output_names
+        return self._session.run(names, {**input_feed, **self._switches}, run_options)
 
     def get_inputs(self) -> list[Any]:
         """The model's inputs (the configuration's parameter inputs are hidden)."""
         return [i for i in self._session.get_inputs() if i.name in self._inputs]
 
     def get_outputs(self) -> list[Any]:
-        """The model's outputs."""
-        return list(self._session.get_outputs())
+        """The model's outputs (the error's measuring points are hidden)."""
+        return [o for o in self._session.get_outputs() if o.name in self._outputs]
 
 
 def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantConfig | None = None,
@@ -205,8 +209,11 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
         plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         chosen = list(feeds.take(samples))
         generated = feeds.generated
-    configs = _Configurations(m.float_model, plan, config, stats, precisions)
-    score = _scorer(m.float_model, configs.sim, chosen, config)
+    outputs = [o.name for o in m.float_model.graph.output]
+    points = region_outputs(m.float_model, plan)
+    measured = with_outputs(m.float_model, points)
+    configs = _Configurations(measured, plan, config, stats, precisions)
+    score = _scorer(measured, configs.sim, chosen, config, outputs=outputs, points=points)
     float_pass = score.float_pass_seconds
     gids = [g.id for g in plan.groups if any(configs.params[p].get(g.id) for p in precisions)]
     bar = Progress(len(precisions) * (2 * len(gids) + 1), "sensitivity", enabled=progress)
@@ -284,34 +291,51 @@ class _Configurations:
 
 @dataclass(frozen=True)
 class _Scorer:
-    """The metric and output error of one configuration's feeds, on the analysis samples."""
+    """The metric (at the graph outputs) and the output error (at the region outputs) of one configuration."""
 
     metric: Callable[[dict[str, np.ndarray], list[list[np.ndarray]]], float]
     session: Any
     samples: list[Feed]
     reference: list[list[np.ndarray]]
     outputs: list[str]
+    points: list[str]
     float_pass_seconds: float
 
+    @property
+    def names(self) -> list[str]:
+        """What each run fetches: the graph outputs, then the region outputs that are not among them."""
+        return list(dict.fromkeys(self.outputs + self.points))
+
+    def split(self, values: list[list[np.ndarray]]) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+        """Per sample, the graph outputs' values and the region outputs' values."""
+        at = {name: i for i, name in enumerate(self.names)}
+        return ([v[:len(self.outputs)] for v in values], [[v[at[p]] for p in self.points] for v in values])
+
     def __call__(self, switches: dict[str, np.ndarray]) -> tuple[float, float]:
-        got = [self.session.run(self.outputs, {**f, **switches}) for f in self.samples]
-        return float(self.metric(switches, got)), output_error(self.reference, got)
+        got, at_points = self.split([self.session.run(self.names, {**f, **switches}) for f in self.samples])
+        return float(self.metric(switches, got)), output_error(self.split(self.reference)[1], at_points)
 
 
-def _scorer(float_model: onnx.ModelProto, sim: Simulation, samples: list[Feed], config: QuantConfig) -> _Scorer:
-    """Time one float pass over ``samples`` (its outputs are the reference) and make the scorer."""
-    float_session = make_session(float_model, log_errors_as="float model")
-    outputs = [o.name for o in float_model.graph.output]
+def _scorer(measured: onnx.ModelProto, sim: Simulation, samples: list[Feed], config: QuantConfig, *,
+            outputs: list[str], points: list[str]) -> _Scorer:
+    """Time one float pass over ``samples`` (its values are the reference) and make the scorer.
+
+    ``measured`` is the float model that also outputs the region outputs ``points``.
+    """
+    float_session = make_session(measured, log_errors_as="float model")
+    names = list(dict.fromkeys(outputs + points))
     begin = time.perf_counter()
-    reference = [float_session.run(outputs, f) for f in samples]
+    reference = [float_session.run(names, f) for f in samples]
     float_pass = time.perf_counter() - begin
     session = make_session(sim.model, optimization="basic", log_errors_as="simulation model")
     threshold = config.threshold
-    inputs = [i.name for i in float_model.graph.input]
+    inputs = [i.name for i in measured.graph.input]
+    graph_reference = [r[:len(outputs)] for r in reference]
 
     def metric(switches: dict[str, np.ndarray], got: list[list[np.ndarray]]) -> float:
         if threshold is not None and threshold.eval_fn is not None:
-            return float(threshold.eval_fn(SimulatedSession(session, switches, inputs)))
-        return output_metric(threshold.metric if threshold is not None else "sqnr", reference, got)  # type: ignore[arg-type]
+            return float(threshold.eval_fn(SimulatedSession(session, switches, inputs, outputs)))
+        return output_metric(threshold.metric if threshold is not None else "sqnr",  # type: ignore[arg-type]
+                             graph_reference, got)
 
-    return _Scorer(metric, session, samples, reference, outputs, float_pass)
+    return _Scorer(metric, session, samples, reference, outputs, points, float_pass)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +17,7 @@ from qnnlib.graph.normalize import normalize
 from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import UINT8
 from qnnlib.optimize.bias import bias_corrections
+from qnnlib.optimize.error import region_outputs
 from qnnlib.optimize.raising import group_harm, raised_layers, raising_order
 from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan
 from tests import builders
@@ -251,3 +254,17 @@ def test_bias_correction_is_the_mean_shift_of_the_quantised_weights() -> None:
     bias = next(w for w in plan.weights_of(first.node) if w.kind == "bias")
     np.testing.assert_allclose(bias.correction, corrections[first.node], rtol=1e-3, atol=1e-6)
     assert qnnlib.QuantPlan.from_json(plan.to_json()) == plan
+
+
+def test_error_is_measured_where_the_quantised_region_ends() -> None:
+    b = builders.GraphBuilder(3)
+    logits = b.conv(b.conv("x", 3, 8), 8, 4, relu=False)
+    b.op("Softmax", [logits], axis=1)
+    b.nodes[-1].output[0] = "p"
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                    [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 4, 8, 8])])
+    result = qnnlib.quantize(model, builders.calibration(model, 4))
+    normalized = normalize(load_model(model)).model
+    assert not result.plan.is_quantized("p")  # the Softmax tail stays float
+    assert region_outputs(normalized, result.plan) == [logits]
+    assert region_outputs(normalized, replace(result.plan, groups=())) == ["p"]  # nothing quantised behind it

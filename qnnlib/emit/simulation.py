@@ -15,7 +15,8 @@ Weights and biases are the plan's quantised values, dequantised, as constants; o
 
 with the per-channel scales ``s_w`` (shaped to broadcast along the channel axis), ``-qmax_w``,
 ``qmax_w`` and ``on_w`` as inputs, so any bit width of any layer's weights is one feed away; biases
-then stay float (their int32 rounding is far below any weight precision's).
+then stay float, with the plan's bias correction (their int32 rounding is far below any weight
+precision's).
 """
 
 from __future__ import annotations
@@ -193,6 +194,10 @@ def _weight_points(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan,
     points: dict[WeightKey, _WeightPoint] = {}
     for wp in plan.weights:
         if wp.kind != "weight":
+            if wp.correction:  # a corrected bias keeps its correction, in float
+                name = names.fresh(f"{wp.tensor}_corrected")
+                model.graph.initializer.append(numpy_helper.from_array(wp.corrected(index.constant(wp.tensor)), name))
+                nodes[wp.node].input[wp.input_index] = name
             continue
         key = (wp.node, wp.input_index)
         value = index.constant(wp.tensor)

@@ -7,14 +7,17 @@ output together (the first design) paid for two or three groups where one did th
 1. The candidate model (onnxruntime, fused integer kernels) runs on the validation samples; if the
    threshold's metric is met, nothing more is done.
 2. Otherwise each group's harm is measured end to end, leave one out, on the simulation model
-   (:mod:`qnnlib.emit.simulation`, one session, parameters as inputs): with every group quantised
-   as planned, the output error is
+   (:mod:`qnnlib.emit.simulation`, one session, parameters as inputs): with every group and
+   weight quantised as planned, the output error is
 
        E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (summed over samples)
 
-   and a group's harm is ``(E - E_g) / E``, the share of E that goes away when that group alone
-   is raised to 16 bits (over its whole observed range). Downstream gain, tied readers and
-   the outputs the threshold looks at are all in it, which a group's local noise is not.
+   taken where the quantised region hands over to a float tail (:mod:`qnnlib.optimize.error`:
+   logits rather than Softmax probabilities), and a group's harm is ``(E - E_g) / E``, the share
+   of E that goes away when that group alone is raised to 16 bits (over twice its observed
+   extent) together with the weights of the layers that read or write it, as in the candidates.
+   Downstream gain, tied readers and weight error are all in it, which a group's local noise is
+   not.
 3. Groups are raised in order of harm per compute layer they take off integer kernels
    (:func:`raising_order`), first to 16 bits (uint16 activations; the layers that read
    or write them get int16 weights), then, as the last resort, to float (those layers keep float
@@ -32,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,8 +43,12 @@ import onnx
 from qnnlib.emit.qdq import Emitted
 from qnnlib.emit.simulation import build_simulation
 from qnnlib.fusion import COMPUTE_OPS
+from qnnlib.graph.edit import with_outputs
+from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import make_session
+from qnnlib.optimize.error import output_error, region_outputs
 from qnnlib.plan import ActivationParams, QuantPlan
+from qnnlib.precision import weight_scales_at
 from qnnlib.threshold import Threshold, output_metric
 
 log = logging.getLogger(__name__)
@@ -49,7 +57,7 @@ Feed = dict[str, np.ndarray]
 #: Precision levels a group can be raised to, in order.
 LEVELS = ("int16", "float")
 #: Validation samples the leave-one-out harm is measured on (the first ones).
-HARM_SAMPLES = 16
+HARM_SAMPLES = 8
 #: Raised groups tried one at a time for lowering once the threshold is met (least harmful first).
 PRUNE_TRIALS = 16
 
@@ -151,45 +159,42 @@ class Evaluator:
         return a > b if self.threshold.eval_fn is not None else self.threshold.better(a, b)
 
 
-def output_error(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]]) -> float:
-    """``sum over outputs o of |y_o - r_o|^2 / |r_o|^2``, each sum taken over all samples."""
-    total = 0.0
-    for k in range(len(reference[0]) if reference else 0):
-        noise = signal = 0.0
-        for r_all, y_all in zip(reference, got, strict=True):
-            r = np.asarray(r_all[k], np.float64).ravel()
-            d = r - np.asarray(y_all[k], np.float64).ravel()
-            noise += float(d @ d)
-            signal += float(r @ r)
-        total += noise / signal if signal > 0 else noise
-    return total
-
-
 def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, raised: Mapping[int, ActivationParams],
                feeds: Sequence[Feed]) -> dict[int, float]:
     """Each group's share ``(E - E_g) / E`` of the output error that raising it alone removes.
 
-    ``raised`` gives, per candidate group, its parameters when raised; E is measured on ``feeds``
-    with the simulation model of ``plan`` (see the module docstring).
+    ``raised`` gives, per candidate group, its parameters when raised; the weights of the layers
+    that read or write it go to 16 bits with it, as in the candidate models. E is measured on
+    ``feeds`` with the simulation model of ``plan``, at :func:`~qnnlib.optimize.error.region_outputs`.
     """
     if not raised or not feeds:
         return {}
-    sim = build_simulation(float_model, plan)
+    points = region_outputs(float_model, plan)
+    measured = with_outputs(float_model, points)
+    sim = build_simulation(measured, plan, weight_switches=True)
     session = make_session(sim.model, optimization="basic", log_errors_as="simulation model")
-    float_session = make_session(float_model, log_errors_as="float model")
-    outputs = [o.name for o in float_model.graph.output]
-    reference = [float_session.run(outputs, f) for f in feeds]
+    float_session = make_session(measured, log_errors_as="float model")
+    reference = [float_session.run(points, f) for f in feeds]
+    index = GraphIndex(float_model)
+    planned = {(wp.node, wp.input_index): (np.asarray(wp.scales, np.float32), wp.qmax)
+               for wp in plan.weights if wp.kind == "weight"}
     params = {g.id: g.params for g in plan.groups}
     enabled = set(params)
 
-    def error(candidate: Mapping[int, ActivationParams]) -> float:
-        switches = sim.feeds(candidate, enabled)
-        return output_error(reference, [session.run(outputs, {**f, **switches}) for f in feeds])
+    def wide_weights(gid: int) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
+        layers = raised_layers(plan, {gid: "int16"})
+        return {(wp.node, wp.input_index): weight_scales_at(wp, index.constant(wp.tensor), "int16")
+                for wp in plan.weights if wp.kind == "weight" and wp.node in layers}
 
-    base = error(params)
+    def error(candidate: Mapping[int, ActivationParams], weights: Mapping[tuple[str, int], Any]) -> float:
+        switches = {**sim.feeds(candidate, enabled), **sim.weight_feeds(weights)}
+        return output_error(reference, [session.run(points, {**f, **switches}) for f in feeds])
+
+    base = error(params, planned)
     if base <= 0:
         return dict.fromkeys(raised, 0.0)
-    return {gid: (base - error({**params, gid: p})) / base for gid, p in raised.items()}
+    return {gid: (base - error({**params, gid: p}, {**planned, **wide_weights(gid)})) / base
+            for gid, p in raised.items()}
 
 
 def unchanged(evaluator: Evaluator, plan: QuantPlan, emitted: Emitted) -> Outcome:
