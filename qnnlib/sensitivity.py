@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qnnlib.assign import WEIGHT_BITS, Assignment, assign_milp, weight_bytes
 from qnnlib.calibration.collect import CalibrationStats, collect
 from qnnlib.calibration.feeds import Feed, FeedSource
 from qnnlib.config import QuantConfig
@@ -57,6 +58,8 @@ DEFAULT_PRECISIONS = ("int4", "int8", "int16")
 DEFAULT_SAMPLES = 8
 #: Levels of the 4-bit ranges the calibration pass gives.
 LOW_BIT_LEVELS = 16
+#: Cost per bit added to every precision's weight bytes (see :meth:`SensitivityReport.cost_table`).
+TIE_BREAK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,23 @@ class SensitivityReport:
             return (-value if self.higher_is_better else value), g.only_error[precision]
 
         return sorted(self.groups, key=badness, reverse=True)
+
+    def error_table(self) -> dict[int, dict[str, float]]:
+        """Per group, the output error with only it at each precision (float: 0), for :mod:`qnnlib.assign`."""
+        return {g.group: {**g.only_error, "float": 0.0} for g in self.groups}
+
+    def cost_table(self) -> dict[int, dict[str, float]]:
+        """Per group, its owned weights' bytes at each precision (float: 4 bytes each), for :mod:`qnnlib.assign`.
+
+        Each precision also costs ``TIE_BREAK * bits``, so that among equal weight bytes (a group
+        without weights) the narrower activations win.
+        """
+        return {g.group: {p: weight_bytes(g.weights, p) + TIE_BREAK * WEIGHT_BITS[p]
+                          for p in (*self.precisions, "float")} for g in self.groups}
+
+    def assign(self, max_error: float) -> Assignment | None:
+        """The least weight bytes whose additive error estimate is at most ``max_error`` (None: none is)."""
+        return assign_milp(self.error_table(), self.cost_table(), max_error)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -116,3 +116,15 @@ def test_progress_bar_draws_only_when_enabled() -> None:
     bar.advance(3)
     bar.close()
     assert "3/3" in stream.getvalue()
+
+
+def test_the_assignment_keeps_the_fragile_group_precise() -> None:
+    model = fragile_model()
+    report = qnnlib.analyze_sensitivity(model, builders.calibration(model, 16), precisions=("int4", "int8"))
+    fragile = next(g for g in report.groups if _relu_after_second_conv(model) in g.members)
+    budget = 0.5 * fragile.only_error["int4"]  # the fragile group cannot stay at int4
+    choice = report.assign(budget)
+    assert choice is not None and choice.estimate <= budget
+    assert choice.precisions[fragile.group] != "int4"
+    cheap = [g.group for g in report.groups if g.group != fragile.group and g.only_error["int4"] < budget / 10]
+    assert cheap and all(choice.precisions[g] == "int4" for g in cheap)
