@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 #: Bits per weight at each precision, for the default cost.
 WEIGHT_BITS = {"int4": 4, "int8": 8, "int16": 16, "float": 32}
@@ -80,6 +79,8 @@ def assign_greedy(errors: Table, costs: Table, budget: float) -> Assignment | No
 
 def assign_milp(errors: Table, costs: Table, budget: float) -> Assignment | None:
     """The least-cost choice whose estimate fits ``budget`` (see the module docstring), or None if none does."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # imported here: scipy costs 0.4 s to import
+
     keys = [(g, p) for g in errors for p in errors[g]]
     if not keys:
         return Assignment({}, 0.0, 0.0)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
-from scipy.optimize import minimize_scalar
 
 from qnnlib.emit.simulation import Simulation, build_simulation, fake_quant_nodes
 from qnnlib.graph.edit import with_outputs
@@ -264,6 +263,8 @@ def _stacked(local: _LocalModel, values: Sequence[Feed]) -> list[Feed]:
 
 def _search(local: _LocalModel, values: Sequence[Feed], extent: tuple[float, float]) -> RangeChoice:
     """The range of least E for ``local``'s group (the calibrated one unless a candidate gains enough)."""
+    from scipy.optimize import minimize_scalar  # imported here: scipy costs 0.4 s to import
+
     group = local.group
     values = _stacked(local, values)
     targets = [local.run(v, None) for v in values]
