@@ -19,7 +19,6 @@ from qnnlib.fusion import checked_session
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model
 from qnnlib.graph.select import Selection
-from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import FLOAT, WIDER, qtype
 from qnnlib.optimize.bias import bias_corrections
 from qnnlib.optimize.raising import (
@@ -34,7 +33,7 @@ from qnnlib.optimize.raising import (
 from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
-from qnnlib.precision import extent, widened
+from qnnlib.precision import extent, group_params, widened
 from qnnlib.prepare import PreparedModel, Timer, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
@@ -171,16 +170,16 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
         return candidate, emit_qdq(m.float_model, candidate)
 
     def raised_params(plan: QuantPlan) -> dict[int, ActivationParams]:
-        """Each quantised group's parameters at 16 bits over its whole observed range."""
-        wide_qtype = qtype(wide)
+        """Each quantised group's parameters at 16 bits over twice its observed extent (overrides stay)."""
         params = {}
         for g in plan.groups:
-            span = extents[g.id]
-            if g.params.qtype == FLOAT or g.params.source == "override" or span is None:
+            if g.params.source == "override":
                 continue
-            scale, zero = affine.activation_qparams(span[0], span[1], wide_qtype,
-                                                    symmetric=config.activation_symmetric)
-            params[g.id] = ActivationParams(wide, float(scale), int(zero), span, "raised")
+            raised = group_params(g, "int16", activation_type=config.activation_type,
+                                  symmetric=config.activation_symmetric, extremes=stats.extremes,
+                                  low_bit_ranges={}, source="raised")
+            if raised is not None:
+                params[g.id] = raised
         return params
 
     levels = [p for p in config.precisions if p != "int8"]

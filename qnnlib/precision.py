@@ -60,8 +60,12 @@ def widened(span: tuple[float, float] | None) -> tuple[float, float] | None:
 
 def group_params(group: GroupPlan, precision: str, *, activation_type: str, symmetric: bool,
                  extremes: Mapping[str, tuple[float, float]],
-                 low_bit_ranges: Mapping[str, tuple[float, float]]) -> ActivationParams | None:
-    """The group's parameters at ``precision`` (see the module docstring); None when it stays float."""
+                 low_bit_ranges: Mapping[str, tuple[float, float]],
+                 source: str | None = None) -> ActivationParams | None:
+    """The group's parameters at ``precision`` (see the module docstring); None when it stays float.
+
+    ``source`` names how the new parameters were chosen (default ``"<precision> analysis"``).
+    """
     if group.params.qtype == FLOAT:
         return None
     if precision == "int8" or group.params.source == "override":
@@ -75,7 +79,7 @@ def group_params(group: GroupPlan, precision: str, *, activation_type: str, symm
         return None
     qt = qtype(activation_type_at(activation_type, precision))
     scale, zero = affine.activation_qparams(span[0], span[1], qt, symmetric=symmetric)
-    return ActivationParams(qt.name, float(scale), int(zero), span, f"{precision} analysis")
+    return ActivationParams(qt.name, float(scale), int(zero), span, source or f"{precision} analysis")
 
 
 def weight_scales_at(wp: WeightPlan, value: np.ndarray, precision: str) -> tuple[np.ndarray, int]:

@@ -40,6 +40,7 @@ from qnnlib.config import QuantConfig
 from qnnlib.emit.simulation import Simulation, WeightKey, build_simulation
 from qnnlib.errors import ConfigError
 from qnnlib.graph.edit import with_outputs
+from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, make_session
 from qnnlib.numerics.qtypes import qtype
 from qnnlib.optimize.error import output_error, region_outputs
@@ -275,7 +276,9 @@ class _Configurations:
         self.plan = plan
         self.sim: Simulation = build_simulation(float_model, plan, weight_switches=True)
         self.owned = owned_weights(plan)
-        self._values = {init.name: init for init in float_model.graph.initializer}
+        index = GraphIndex(float_model)
+        self._values = {wp.tensor: index.constant(wp.tensor).astype(np.float32)
+                        for ws in self.owned.values() for wp in ws}
         self.params: dict[str, dict[int, ActivationParams]] = {}
         self.weights: dict[str, dict[WeightKey, tuple[np.ndarray, int]]] = {}
         for p in precisions:
@@ -286,15 +289,12 @@ class _Configurations:
                                       low_bit_ranges=stats.low_bit_ranges)
                 if params is not None:
                     self.params[p][g.id] = params
-            self.weights[p] = {(wp.node, wp.input_index): weight_scales_at(wp, self._weight(wp.tensor), p)
+            self.weights[p] = {(wp.node, wp.input_index): weight_scales_at(wp, self._values[wp.tensor], p)
                                for ws in self.owned.values() for wp in ws}
 
-    def _weight(self, name: str) -> np.ndarray:
-        return np.asarray(onnx.numpy_helper.to_array(self._values[name]), np.float32)
-
     def weight_shape(self, name: str) -> tuple[int, ...]:
-        """The shape of weight ``name``."""
-        return tuple(self._values[name].dims)
+        """The shape of owned weight ``name``."""
+        return self._values[name].shape
 
     def feeds(self, levels: Mapping[int, str]) -> dict[str, np.ndarray]:
         """Simulation inputs with each group in ``levels`` (and its owned weights) at its precision, the rest float."""
