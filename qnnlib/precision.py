@@ -106,3 +106,14 @@ def owned_weights(plan: QuantPlan) -> dict[int, tuple[WeightPlan, ...]]:
         if wp.kind == "weight" and wp.node in owner:
             owned.setdefault(owner[wp.node], []).append(wp)
     return {gid: tuple(ws) for gid, ws in owned.items()}
+
+
+def fake_quantize_weight(value: np.ndarray, scales: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
+    """``clip(rint(w / s[c]), -qmax, qmax) * s[c]`` along ``axis`` (one scale for all when ``scales`` has one entry)."""
+    value = np.asarray(value, np.float32)
+    scales = np.asarray(scales, np.float32).reshape(-1)
+    shape = [1] * value.ndim
+    if axis is not None and scales.size > 1:
+        shape[axis % value.ndim] = scales.size
+    s = scales.reshape(shape) if scales.size > 1 else scales.reshape(())
+    return (np.clip(np.rint(value / s), -qmax, qmax) * s).astype(np.float32)

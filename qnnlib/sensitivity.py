@@ -2,21 +2,31 @@
 
 One float calibration pass gives every group's parameters at every precision
 (:mod:`qnnlib.precision`: a group's precision covers its activations and the weights of the layers
-that read it). One simulation model (:mod:`qnnlib.emit.simulation`, weights as switchable
-quantisation points), built once, then evaluates any configuration through its inputs alone. For
-each group ``g`` and candidate precision ``p``:
+that read it). For each group ``g`` and candidate precision ``p`` the report holds
 
 * ``only[p]``: the metric with ``g`` at ``p`` and everything else float;
 * ``all_but[p]``: the metric with every group at ``p`` except ``g``, which stays float;
 
-and ``all_lowered[p]``, everything at ``p``. The metric is the threshold's when ``config`` has one
-(an ``eval_fn`` receives a session on the simulation model with the configuration fed in), else
-the SQNR of all outputs in dB. Every entry also keeps the output error
+and ``all_lowered[p]``, everything at ``p``; and beside each metric the output error
 
-    E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (summed over samples)
+    E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (each sum over all samples)
 
 which adds up over groups when their errors are independent: the quantity a mixed-precision
-assignment can be estimated with.
+assignment is estimated with. Two methods fill them in:
+
+* ``method="estimate"`` (default): one probe pass (:mod:`qnnlib.local_error`) gives every group's
+  local error ``e[g, p]`` at its readers' outputs, and relative error is taken to carry through the
+  rest of the network unchanged: ``only_error[p] = e[g, p]``, ``all_but_error[p] = sum of e[h, p]``
+  over ``h != g``, ``all_lowered_error[p] = sum over all h``; each metric is the SQNR
+  ``-10 log10(E)`` in dB. About ``3 + len(precisions)`` float passes in all, whatever the number of
+  groups; measured against ``"measure"`` on the benchmark models the estimate is within a small
+  factor of the measured error (docs/sensitivity.md), and :func:`qnnlib.quantize` checks what it
+  chooses from it by real runs.
+* ``method="measure"``: one simulation model (:mod:`qnnlib.emit.simulation`, weights as switchable
+  quantisation points), built once, evaluates every configuration through its inputs alone, with
+  the threshold's metric when ``config`` has one (an ``eval_fn`` receives a session on the
+  simulation model with the configuration fed in), else the SQNR of all outputs in dB. Exact, and
+  ``2 * groups * precisions + precisions`` simulation runs.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,11 +52,12 @@ from qnnlib.errors import ConfigError
 from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, make_session
+from qnnlib.local_error import build_perturbation, build_probe
 from qnnlib.numerics.qtypes import qtype
 from qnnlib.optimize.error import output_error, region_outputs
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import build_plan
-from qnnlib.precision import BITS, group_params, owned_weights, weight_scales_at
+from qnnlib.precision import BITS, fake_quantize_weight, group_params, owned_weights, weight_scales_at
 from qnnlib.prepare import Timer, prepare
 from qnnlib.progress import Progress
 from qnnlib.threshold import LOWER_IS_BETTER, output_metric
@@ -83,7 +94,9 @@ class SensitivityReport:
     """Per-group sensitivities, the whole model at each precision, and what the analysis cost.
 
     ``higher_is_better`` orients ``metric``; ``float_pass_seconds`` is one float pass over the same
-    samples, so ``seconds / float_pass_seconds`` is the analysis's cost in float passes.
+    samples, so ``seconds / float_pass_seconds`` is the analysis's cost in float passes; ``method``
+    says how the entries were found (module docstring); ``timings`` splits ``seconds`` into phases
+    (load, normalize, select, calibrate, analyse).
     """
 
     metric: str
@@ -97,6 +110,8 @@ class SensitivityReport:
     unowned_layers: tuple[str, ...]
     seconds: float
     float_pass_seconds: float
+    method: str = "measure"
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def float_passes(self) -> float:
@@ -202,14 +217,23 @@ class SimulatedSession:
         return [o for o in self._session.get_outputs() if o.name in self._outputs]
 
 
+#: How :func:`analyze_sensitivity` can measure: see the module docstring.
+METHODS = ("estimate", "measure")
+#: Samples each group's gain is measured on (``method="estimate"``).
+GAIN_SAMPLES = 2
+#: The precision each group's gain is measured at (``method="estimate"``).
+GAIN_PRECISION = "int8"
+
+
 def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantConfig | None = None,
                         precisions: Sequence[str] = DEFAULT_PRECISIONS, samples: int = DEFAULT_SAMPLES,
-                        progress: bool | None = None) -> SensitivityReport:
+                        method: str = "estimate", progress: bool | None = None) -> SensitivityReport:
     """Measure each tied group's sensitivity at each precision; see the module docstring.
 
     ``calib``: the forms :func:`qnnlib.quantize` takes, or None for generated inputs. ``samples``:
-    the calibration samples each configuration is measured on (the first ones). ``progress``: a
-    progress bar on stderr (default: when stderr is a terminal).
+    the calibration samples each configuration is measured on (the first ones). ``method``:
+    ``"estimate"`` (local errors, one probe pass) or ``"measure"`` (every configuration run).
+    ``progress``: a progress bar on stderr (default: when stderr is a terminal).
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
@@ -220,38 +244,27 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
         raise ConfigError(f"precisions must be a non-empty subset of {tuple(BITS)}, got {precisions!r}")
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     start = time.perf_counter()
-    m = prepare(model, config, Timer())
+    timer = Timer()
+    m = prepare(model, config, timer)
     with FeedSource(calib, m.specs, max_samples=config.max_calibration_samples, replay=samples,
-                    rng=np.random.default_rng(config.seed)) as feeds:
+                    rng=np.random.default_rng(config.seed)) as feeds, timer("calibrate"):
         stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
                         levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
                         low_bit_levels=LOW_BIT_LEVELS)
         plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         chosen = list(feeds.take(samples))
         generated = feeds.generated
-    outputs = [o.name for o in m.float_model.graph.output]
-    points = region_outputs(m.float_model, plan)
-    measured = with_outputs(m.float_model, points)
-    configs = _Configurations(measured, plan, config, stats, precisions)
-    score = _scorer(measured, configs.sim, chosen, config, outputs=outputs, points=points)
-    float_pass = score.float_pass_seconds
-    gids = [g.id for g in plan.groups if any(configs.params[p].get(g.id) for p in precisions)]
-    bar = Progress(len(precisions) * (2 * len(gids) + 1), "sensitivity", enabled=progress)
-    all_lowered: dict[str, tuple[float, float]] = {}
-    only: dict[int, dict[str, tuple[float, float]]] = {g: {} for g in gids}
-    all_but: dict[int, dict[str, tuple[float, float]]] = {g: {} for g in gids}
-    try:
-        for p in precisions:
-            all_lowered[p] = score(configs.feeds(dict.fromkeys(gids, p)))
-            bar.advance()
-            for gid in gids:
-                only[gid][p] = score(configs.feeds({gid: p}))
-                bar.advance()
-                all_but[gid][p] = score(configs.feeds({g: p for g in gids if g != gid}))
-                bar.advance()
-    finally:
-        bar.close()
+    with timer("analyse"):
+        configs = _Configurations(m.float_model, plan, config, stats,
+                                  tuple(dict.fromkeys((*precisions, GAIN_PRECISION))) if method == "estimate"
+                                  else precisions)
+        gids = [g.id for g in plan.groups if any(configs.params[p].get(g.id) for p in precisions)]
+        metric, higher, results, float_pass = _analyse(m.float_model, configs, gids, chosen, config=config,
+                                                       precisions=precisions, method=method, progress=progress)
+    only, all_but, all_lowered = results
     groups = tuple(
         GroupSensitivity(gid, plan.groups[gid].members[0], plan.groups[gid].members,
                          tuple(dict.fromkeys(wp.node for wp in configs.owned.get(gid, ()))),
@@ -262,10 +275,129 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
     )
     owned_nodes = {wp.node for ws in configs.owned.values() for wp in ws}
     unowned = tuple(dict.fromkeys(wp.node for wp in plan.weights if wp.kind == "weight" and wp.node not in owned_nodes))
-    metric = config.threshold.name if config.threshold is not None else "sqnr"
-    return SensitivityReport(metric, metric not in LOWER_IS_BETTER, precisions, groups,
+    return SensitivityReport(metric, higher, precisions, groups,
                              {p: v[0] for p, v in all_lowered.items()}, {p: v[1] for p, v in all_lowered.items()},
-                             len(chosen), generated, unowned, time.perf_counter() - start, float_pass)
+                             len(chosen), generated, unowned, time.perf_counter() - start, float_pass, method,
+                             dict(timer.times))
+
+
+def _analyse(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,
+             config: QuantConfig, precisions: Sequence[str], method: str,
+             progress: bool | None) -> tuple[str, bool, _Results, float]:
+    """The metric's name and orientation, the results and one float pass's seconds, by ``method``."""
+    if method == "estimate":
+        return "sqnr", True, *_estimate(float_model, configs, gids, samples, precisions=precisions, progress=progress)
+    metric = config.threshold.name if config.threshold is not None else "sqnr"
+    return metric, metric not in LOWER_IS_BETTER, *_measure(float_model, configs, gids, samples, config=config,
+                                                            progress=progress)
+
+
+#: Per configuration, its metric and output error.
+_Scores = tuple[float, float]
+#: Per group and precision, ``only`` and ``all_but``; per precision, ``all_lowered``.
+_Results = tuple[dict[int, dict[str, _Scores]], dict[int, dict[str, _Scores]], dict[str, _Scores]]
+
+
+def sqnr_of_error(error: float) -> float:
+    """The SQNR in dB an output error ``E`` (a noise-to-signal ratio) stands for: ``-10 log10(E)``."""
+    return math.inf if error <= 0 else -10.0 * math.log10(error)
+
+
+def _estimate(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,
+              precisions: Sequence[str], progress: bool | None) -> tuple[_Results, float]:
+    """Every entry from local errors (one probe pass, :mod:`qnnlib.local_error`) times each group's gain.
+
+    A group's *gain* is how its local error grows or shrinks on the way to the region outputs:
+    ``gain[g] = E[g] / e[g, int8]``, where ``E[g]`` is the output error with only ``g`` at 8 bits on
+    the first :data:`GAIN_SAMPLES` samples, computed exactly by a run of the perturbation model
+    fed the probe's differences. It depends on the network after ``g`` more than on the precision,
+    so ``only_error[p] = gain[g] * e[g, p]``; ``all_but`` and ``all_lowered`` add these up.
+    Returns the results and one float pass over ``samples`` in seconds.
+    """
+    points = region_outputs(float_model, configs.plan)
+    measured = with_outputs(float_model, points)
+    float_session = make_session(measured, log_errors_as="float model")
+    begin = time.perf_counter()
+    reference = [float_session.run(points, f) for f in samples]
+    float_pass = time.perf_counter() - begin
+    probe = build_probe(float_model, configs.plan, params=configs.params, weights=configs.dequantised,
+                        owned=configs.owned, points=points, differences_at=(GAIN_PRECISION,))
+    session = make_session(probe.model, log_errors_as="probe model")
+    scalars = probe.outputs
+    gain_samples = samples[:GAIN_SAMPLES]
+    wanted = [d for g in gids for d, _ in probe.diffs.get((g, GAIN_PRECISION), ())]
+    runs, differences = [], []
+    for i, f in enumerate(samples):
+        names = scalars + wanted if i < len(gain_samples) else scalars
+        values = dict(zip(names, session.run(names, f), strict=True))
+        runs.append(values)
+        if i < len(gain_samples):
+            differences.append({d: values[d] for d in wanted})
+    del session
+    local = probe.local_errors(runs)
+    perturbation = build_perturbation(measured, probe.perturbed)
+    perturbed = make_session(perturbation.model, log_errors_as="perturbation model")
+    zeros = [{perturbation.inputs[t]: np.zeros_like(differences[k][d]) for g in gids
+              for d, t in probe.diffs.get((g, GAIN_PRECISION), ())} for k in range(len(gain_samples))]
+    missing = set(perturbation.inputs.values()) - set(zeros[0]) if zeros else set()
+    if missing:  # a tensor only another precision perturbs: never fed a difference here
+        raise RuntimeError(f"internal: perturbation inputs without a difference: {sorted(missing)[:3]}")
+    gains: dict[int, float] = {}
+    bar = Progress(len(gids), "sensitivity", enabled=progress)
+    try:
+        for g in gids:
+            at = local.get((g, GAIN_PRECISION), 0.0)
+            if at > 0:
+                got = []
+                for k, f in enumerate(gain_samples):
+                    deltas = {perturbation.inputs[t]: differences[k][d] for d, t in probe.diffs[(g, GAIN_PRECISION)]}
+                    got.append(perturbed.run(points, {**f, **zeros[k], **deltas}))
+                gains[g] = output_error(reference[:len(gain_samples)], got) / at
+            bar.advance()
+    finally:
+        bar.close()
+    only: dict[int, dict[str, _Scores]] = {g: {} for g in gids}
+    all_but: dict[int, dict[str, _Scores]] = {g: {} for g in gids}
+    all_lowered: dict[str, _Scores] = {}
+    for p in precisions:
+        errors = {g: gains.get(g, 1.0) * local.get((g, p), 0.0) for g in gids}
+        total = sum(errors.values())
+        all_lowered[p] = (sqnr_of_error(total), total)
+        for g in gids:
+            rest = total - errors[g]
+            only[g][p] = (sqnr_of_error(errors[g]), errors[g])
+            all_but[g][p] = (sqnr_of_error(rest), rest)
+    return (only, all_but, all_lowered), float_pass
+
+
+def _measure(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,
+             config: QuantConfig, progress: bool | None) -> tuple[_Results, float]:
+    """Every entry from a run of the simulation model with its configuration fed in.
+
+    Returns the results and one float pass over ``samples`` in seconds.
+    """
+    outputs = [o.name for o in float_model.graph.output]
+    points = region_outputs(float_model, configs.plan)
+    measured = with_outputs(float_model, points)
+    sim = build_simulation(measured, configs.plan, weight_switches=True)
+    score = _scorer(measured, sim, samples, config, outputs=outputs, points=points)
+    precisions = tuple(configs.params)
+    bar = Progress(len(precisions) * (2 * len(gids) + 1), "sensitivity", enabled=progress)
+    all_lowered: dict[str, _Scores] = {}
+    only: dict[int, dict[str, _Scores]] = {g: {} for g in gids}
+    all_but: dict[int, dict[str, _Scores]] = {g: {} for g in gids}
+    try:
+        for p in precisions:
+            all_lowered[p] = score(configs.feeds(sim, dict.fromkeys(gids, p)))
+            bar.advance()
+            for gid in gids:
+                only[gid][p] = score(configs.feeds(sim, {gid: p}))
+                bar.advance()
+                all_but[gid][p] = score(configs.feeds(sim, {g: p for g in gids if g != gid}))
+                bar.advance()
+    finally:
+        bar.close()
+    return (only, all_but, all_lowered), score.float_pass_seconds
 
 
 class _Configurations:
@@ -274,7 +406,6 @@ class _Configurations:
     def __init__(self, float_model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, stats: CalibrationStats,
                  precisions: Sequence[str]) -> None:
         self.plan = plan
-        self.sim: Simulation = build_simulation(float_model, plan, weight_switches=True)
         self.owned = owned_weights(plan)
         index = GraphIndex(float_model)
         self._values = {wp.tensor: index.constant(wp.tensor).astype(np.float32)
@@ -296,7 +427,20 @@ class _Configurations:
         """The shape of owned weight ``name``."""
         return self._values[name].shape
 
-    def feeds(self, levels: Mapping[int, str]) -> dict[str, np.ndarray]:
+    @property
+    def dequantised(self) -> dict[str, dict[WeightKey, np.ndarray]]:
+        """Per precision, each owned weight's value after quantisation at that precision."""
+        out: dict[str, dict[WeightKey, np.ndarray]] = {}
+        for p, chosen in self.weights.items():
+            out[p] = {}
+            for ws in self.owned.values():
+                for wp in ws:
+                    value = self._values[wp.tensor]
+                    scales, qmax = chosen[(wp.node, wp.input_index)]
+                    out[p][(wp.node, wp.input_index)] = fake_quantize_weight(value, scales, wp.axis, qmax)
+        return out
+
+    def feeds(self, sim: Simulation, levels: Mapping[int, str]) -> dict[str, np.ndarray]:
         """Simulation inputs with each group in ``levels`` (and its owned weights) at its precision, the rest float."""
         params = {g.id: g.params for g in self.plan.groups}
         enabled = set()
@@ -306,7 +450,7 @@ class _Configurations:
                 enabled.add(gid)
         weights = {(wp.node, wp.input_index): self.weights[p][(wp.node, wp.input_index)]
                    for gid, p in levels.items() for wp in self.owned.get(gid, ())}
-        return {**self.sim.feeds(params, enabled), **self.sim.weight_feeds(weights)}
+        return {**sim.feeds(params, enabled), **sim.weight_feeds(weights)}
 
 
 @dataclass(frozen=True)

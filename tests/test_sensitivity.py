@@ -37,9 +37,12 @@ def fragile_model() -> onnx.ModelProto:
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])])
 
 
-def test_the_fragile_group_is_the_most_sensitive() -> None:
+@pytest.mark.parametrize("method", ["estimate", "measure"])
+def test_the_fragile_group_is_the_most_sensitive(method: str) -> None:
     model = fragile_model()
-    report = qnnlib.analyze_sensitivity(model, builders.calibration(model, 16), precisions=("int4", "int8"))
+    report = qnnlib.analyze_sensitivity(model, builders.calibration(model, 16), precisions=("int4", "int8"),
+                                        method=method)
+    assert report.method == method
     fragile = _relu_after_second_conv(model)
     for precision in ("int4", "int8"):
         ranking = report.ranking(precision)
@@ -67,7 +70,7 @@ def test_one_simulation_serves_every_configuration(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(sensitivity, "build_simulation", counting)
     model = builders.conv_net()
-    report = qnnlib.analyze_sensitivity(model, builders.calibration(model, 8), samples=2)
+    report = qnnlib.analyze_sensitivity(model, builders.calibration(model, 8), samples=2, method="measure")
     assert len(built) == 1 and len(report.groups) > 3
     assert report.samples == 2 and not report.generated
     data = json.loads(report.to_json())
@@ -87,7 +90,8 @@ def test_eval_fn_gets_a_session_on_the_configuration() -> None:
         return value
 
     config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(eval_fn=negative_error, max_drop=1.0))
-    report = qnnlib.analyze_sensitivity(model, calib, config=config, precisions=("int8",), samples=2)
+    report = qnnlib.analyze_sensitivity(model, calib, config=config, precisions=("int8",), samples=2,
+                                        method="measure")
     assert report.metric == "eval_fn" and report.higher_is_better
     assert len(seen) == 2 * len(report.groups) + 1 and len(set(seen)) > 1  # configurations differ
 
@@ -99,7 +103,8 @@ def test_generated_inputs_are_reported() -> None:
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"precisions": ("int3",)}, "precisions must be"),
                                                ({"precisions": ()}, "precisions must be"),
-                                               ({"samples": 0}, "samples must be")])
+                                               ({"samples": 0}, "samples must be"),
+                                               ({"method": "guess"}, "method must be")])
 def test_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
     model = builders.mlp()
     with pytest.raises(qnnlib.ConfigError, match=match):
@@ -128,3 +133,19 @@ def test_the_assignment_keeps_the_fragile_group_precise() -> None:
     assert choice.precisions[fragile.group] != "int4"
     cheap = [g.group for g in report.groups if g.group != fragile.group and g.only_error["int4"] < budget / 10]
     assert cheap and all(choice.precisions[g] == "int4" for g in cheap)
+
+
+def test_the_estimate_follows_the_measurement() -> None:
+    """On a small CNN the estimated output errors stay within a factor of 4 of the measured ones,
+    and the estimate needs no simulation model."""
+    model = builders.conv_net()
+    calib = builders.calibration(model, 8)
+    measured = qnnlib.analyze_sensitivity(model, calib, samples=4, method="measure")
+    estimated = qnnlib.analyze_sensitivity(model, calib, samples=4, method="estimate")
+    assert [g.group for g in measured.groups] == [g.group for g in estimated.groups]
+    for m, e in zip(measured.groups, estimated.groups, strict=True):
+        for p in ("int4", "int8", "int16"):
+            assert 0.25 < e.only_error[p] / m.only_error[p] < 4.0, (m.tensor, p)
+    for p in ("int4", "int8"):
+        assert 0.25 < estimated.all_lowered_error[p] / measured.all_lowered_error[p] < 4.0
+    assert estimated.metric == "sqnr" and estimated.method == "estimate"

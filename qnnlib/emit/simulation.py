@@ -84,11 +84,13 @@ class Simulation:
         return feeds
 
 
-def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches: bool = False) -> Simulation:
+def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches: bool = False,
+                     float_weights: bool = False) -> Simulation:
     """The simulation model of ``plan`` over ``model`` (the normalised float model, unchanged).
 
     ``weight_switches``: weights as quantisation points with their parameters as inputs (see the
-    module docstring) instead of the plan's dequantised constants.
+    module docstring) instead of the plan's dequantised constants; ``float_weights``: the model's
+    own float weights and biases as constants (activations only are simulated).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -103,7 +105,7 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches
         for key, (chain, params, shape) in _weight_points(out, index, plan, names).items():
             head.extend(chain)
             weight_inputs[key], weight_shapes[key] = params, shape
-    else:
+    elif not float_weights:
         _dequantised_weights(out, index, plan, names)
     simulated = _activation_points(out, index, plan, inputs, names, head=head, after=after)
     for node in out.graph.node:
