@@ -19,8 +19,10 @@ from qnnlib.fusion import checked_session
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model
 from qnnlib.graph.select import Selection
+from qnnlib.mixed import plan_with_precisions
 from qnnlib.numerics.qtypes import FLOAT, WIDER, qtype
 from qnnlib.optimize.bias import bias_corrections
+from qnnlib.optimize.mixed_search import MixedOutcome, search_mixed
 from qnnlib.optimize.raising import (
     HARM_SAMPLES,
     Evaluator,
@@ -37,6 +39,8 @@ from qnnlib.precision import extent, group_params, widened
 from qnnlib.prepare import PreparedModel, Timer, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
+from qnnlib.sensitivity import DEFAULT_SAMPLES as SENSITIVITY_SAMPLES
+from qnnlib.sensitivity import LOW_BIT_LEVELS, analyse_plan
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
     timer = Timer()
     m = prepare(model, config, timer)
     holdout = HOLDOUT_EVERY if config.threshold is not None and validation is None else 0
-    replay = max(config.report_samples, config.optimize_samples if config.optimizing else 0)
+    replay = max(config.report_samples, config.optimize_samples if config.optimizing else 0,
+                 SENSITIVITY_SAMPLES if config.mixed else 0)
     with ExitStack() as stack:
         feeds = stack.enter_context(FeedSource(calib, m.specs, max_samples=config.max_calibration_samples,
                                                replay=replay, holdout=holdout,
@@ -72,7 +77,8 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
         with timer("calibrate"):
             stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
                             levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
-                            capture=layer_outputs, capture_samples=config.report_samples)
+                            capture=layer_outputs, capture_samples=config.report_samples,
+                            low_bit_levels=LOW_BIT_LEVELS if config.mixed else None)
         with timer("plan"):
             plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         with timer("emit"):
@@ -90,17 +96,19 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
                 plan, ranges, corrections = _optimize(m, plan, stats, list(feeds.take(config.optimize_samples)),
                                                       config)
                 emitted = emit_qdq(m.float_model, plan)
-        if evaluator is not None and outcome is not None and (ranges or not outcome.met):
-            with timer("threshold"):
-                calibrated = outcome
-                outcome = _meet(m, config, stats, ranges, corrections, initial=(plan, emitted), evaluator=evaluator,
-                                samples=samples)
-                outcome.initial_value = calibrated.value  # what the calibrated int8 model reached
-                outcome.steps[:0] = calibrated.steps
-                plan, emitted = outcome.plan, outcome.emitted
+        mixed = None
+        if evaluator is not None and outcome is not None:
+            searched, mixed = _search(m, config, stats, plan, emitted, ranges=ranges, corrections=corrections,
+                                      timer=timer,
+                                      evaluator=evaluator, calibrated=outcome, samples=samples, feeds=feeds)
+            if searched is not outcome:
+                plan, emitted = searched.plan, searched.emitted
+            outcome = searched
         with timer("verify"):
             check_model(emitted.model)
-            measured = [t for t in layer_outputs if t in emitted.quantized_names] if stats.references else []
+            # 4-bit tensors cannot be fetched into numpy (onnxruntime has no numpy type for them)
+            measured = [t for t in layer_outputs if t in emitted.quantized_names
+                        and qtype(plan.params(t).qtype).bits > 4] if stats.references else []
             session, summary = checked_session(emitted.model, [emitted.quantized_names[t] for t in measured],
                                                verify=config.verify_fusion)
         with timer("evaluate"):
@@ -109,7 +117,7 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
                                outputs=m.index.graph_outputs) if stats.references else None
         generated = feeds.generated
     report = build_report(Phases(config, m.index, m.selection, plan, stats, generated, fidelity, summary, ranges,
-                                 outcome, validation_note, timer.times, tuple(m.normalized.notes)))
+                                 outcome, validation_note, timer.times, tuple(m.normalized.notes), mixed))
     if outcome is not None and not outcome.met and config.threshold is not None and config.threshold.strict:
         raise ThresholdError(
             f"threshold {config.threshold.describe()} not met: the best model reached {outcome.value:.6g} on "
@@ -186,6 +194,45 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
     ranking = samples[:HARM_SAMPLES]
     return meet_threshold(evaluator, initial, build,
                           lambda plan: group_harm(m.float_model, plan, raised_params(plan), ranking), levels)
+
+
+def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan: QuantPlan, emitted: Emitted, *,
+            ranges: Mapping[int, RangeChoice], corrections: Mapping[str, np.ndarray], timer: Timer,
+            evaluator: Evaluator, calibrated: Outcome, samples: list[Feed],
+            feeds: FeedSource) -> tuple[Outcome, MixedOutcome | None]:
+    """Meet the threshold: by mixed precision when ``"int4"`` is allowed, else by raising groups.
+
+    ``calibrated`` is the measured outcome of ``plan`` as it is; it is kept when it meets the
+    threshold and optimisation changed nothing (raising only).
+    """
+    if config.mixed:
+        with timer("mixed precision"):
+            mixed = _mixed(m, config, stats, plan, corrections, evaluator=evaluator,
+                           samples=list(feeds.take(SENSITIVITY_SAMPLES)), generated=feeds.generated)
+        mixed.outcome.initial_value = calibrated.value
+        return mixed.outcome, mixed
+    if not ranges and calibrated.met:
+        return calibrated, None
+    with timer("threshold"):
+        outcome = _meet(m, config, stats, ranges, corrections, initial=(plan, emitted), evaluator=evaluator,
+                        samples=samples)
+    outcome.initial_value = calibrated.value  # what the calibrated int8 model reached
+    outcome.steps[:0] = calibrated.steps
+    return outcome, None
+
+
+def _mixed(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan: QuantPlan,
+           corrections: Mapping[str, np.ndarray], *, evaluator: Evaluator, samples: list[Feed],
+           generated: bool) -> MixedOutcome:
+    """A precision per tied group: the cheapest point of the accuracy/cost curve that meets the threshold."""
+    analysed = tuple(p for p in config.precisions if p != FLOAT)
+    report = analyse_plan(m, plan, stats, samples, config=config, precisions=analysed, generated=generated)
+
+    def build(precisions: Mapping[int, str]) -> tuple[QuantPlan, Emitted]:
+        candidate = plan_with_precisions(m, plan, stats, config, precisions, corrections=corrections)
+        return candidate, emit_qdq(m.float_model, candidate)
+
+    return search_mixed(evaluator, report, config.precisions, config.cost, build)
 
 
 def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:

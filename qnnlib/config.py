@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from qnnlib.calibration.methods import METHODS, CalibrationMethod, method_from_name
@@ -19,7 +19,9 @@ OVERFLOW_FIXES = ("enable", "first_layer", "disable")
 #: Errors the range search can minimise.
 OBJECTIVES = ("mse", "cosine")
 #: Precisions a layer can take (int8 first: every model starts there).
-PRECISIONS = ("int8", "int16", "float")
+PRECISIONS = ("int8", "int4", "int16", "float")
+#: Costs a mixed-precision search can minimise by name (a callable is also accepted).
+COSTS = ("bytes",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +76,12 @@ class QuantConfig:
       clipping by MSE; None (default) means "when a threshold is given".
     * ``objective``: ``"mse"`` or ``"cosine"``, the error the range search minimises.
     * ``optimize_samples``: calibration samples the range search uses.
-    * ``precisions``: precisions layers may take: ``"int8"`` and any of ``"int16"``, ``"float"``.
+    * ``precisions``: precisions layers may take: ``"int8"`` and any of ``"int4"``, ``"int16"``,
+      ``"float"``. Without ``"int4"`` a threshold raises the groups that hurt most (docs/threshold.md);
+      with it each tied group gets the precision that meets the threshold at the least ``cost``
+      (mixed precision, docs/sensitivity.md), which needs a threshold.
+    * ``cost``: what mixed precision minimises: ``"bytes"`` (weight bytes, default) or a callable
+      ``cost(group, precision) -> float`` over :class:`~qnnlib.sensitivity.GroupSensitivity` entries.
     """
 
     activation_type: str = "uint8"
@@ -96,6 +103,7 @@ class QuantConfig:
     objective: str = "mse"
     optimize_samples: int = 4
     precisions: tuple[str, ...] = ("int8", "int16", "float")
+    cost: str | Callable[..., float] = "bytes"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -118,6 +126,16 @@ class QuantConfig:
         if unknown or "int8" not in precisions:
             raise ConfigError(f"precisions must include 'int8' and may add {PRECISIONS[1:]}, got {precisions!r}")
         object.__setattr__(self, "precisions", precisions)
+        if not callable(self.cost) and self.cost not in COSTS:
+            raise ConfigError(f"cost must be one of {COSTS} or a callable cost(group, precision), got {self.cost!r}")
+        if self.mixed and self.threshold is None:
+            raise ConfigError("precisions with 'int4' choose a precision per group under a threshold; give "
+                              "QuantConfig(threshold=qnnlib.Threshold(...)), or leave 'int4' out")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether each tied group's precision is searched (``"int4"`` among the precisions)."""
+        return "int4" in self.precisions
 
     def _check_types(self) -> None:
         if self.activation_type not in ACTIVATION_TYPES:
@@ -160,6 +178,7 @@ class QuantConfig:
             "optimize": self.optimizing,
             "objective": self.objective,
             "precisions": list(self.precisions),
+            "cost": self.cost if isinstance(self.cost, str) else getattr(self.cost, "__name__", "callable"),
         }
 
 

@@ -30,6 +30,8 @@ from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan, Weigh
 
 #: Weight type of a layer raised to 16 bits.
 WIDE_WEIGHT = "int16"
+#: Weight type of a layer lowered to 4 bits.
+NARROW_WEIGHT = "int4"
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +108,14 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
                ranges: Mapping[str, tuple[float, float]], config: QuantConfig, *,
                choices: Mapping[int, GroupChoice] | None = None,
                float_layers: frozenset[str] = frozenset(), wide_layers: frozenset[str] = frozenset(),
+               narrow_layers: frozenset[str] = frozenset(),
                bias_corrections: Mapping[str, np.ndarray] | None = None) -> QuantPlan:
     """Decide every parameter; see the module docstring.
 
     ``choices`` replace groups' calibrated ranges or types; ``float_layers`` keep their weights float;
-    ``wide_layers`` (raised to 16 bits) get int16 weights; ``bias_corrections`` (node: one value per
-    output channel) are added to the biases of layers whose weights stay 8-bit.
+    ``wide_layers`` (raised to 16 bits) get int16 weights; ``narrow_layers`` (lowered to 4 bits) get
+    int4 weights at the clipping scale of least squared error; ``bias_corrections`` (node: one value
+    per output channel) are added to the biases of layers whose weights stay 8-bit.
     With ``config.optimizing`` weight scales come from a per-channel clipping search.
     """
     choices = choices or {}
@@ -122,7 +126,7 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
     )
     plan_groups = {m: gp for gp in group_plans for m in gp.members}
     weights = _weight_plans(index, selection, plan_groups, config, float_layers=float_layers, wide_layers=wide_layers,
-                            corrections=bias_corrections or {})
+                            narrow_layers=narrow_layers, corrections=bias_corrections or {})
     layers = []
     nodes = {n.name: n for n in index.nodes}
     for name in selection.layers:
@@ -135,7 +139,7 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
             widths.add(FLOAT)
         elif name in wide_layers:
             widths.add("int16")
-        precision = next(p for p in (FLOAT, "int16", "int8") if p in widths)
+        precision = next(p for p in (FLOAT, "int16", "int8", "int4") if p in widths)
         layers.append(LayerPlan(name, node.op_type, precision, inputs, outputs))
     dropped = tuple(
         name for name in selection.foldable
@@ -206,11 +210,13 @@ class _Weights:
     groups: Mapping[str, GroupPlan]
     config: QuantConfig
     wide_layers: frozenset[str]
+    narrow_layers: frozenset[str]
     corrections: Mapping[str, np.ndarray]
 
     def integer_kernel(self, node: onnx.NodeProto) -> bool:
         """Whether the layer runs on an integer kernel: 8-bit inputs and 8-bit weights."""
-        return _integer_kernel_input(node, self.groups) and node.name not in self.wide_layers
+        return (_integer_kernel_input(node, self.groups) and node.name not in self.wide_layers
+                and node.name not in self.narrow_layers)
 
     def constant(self, tensor: str, node: str, kind: str) -> np.ndarray:
         """A weight or bias value, refused with the node's name when it holds NaN or inf."""
@@ -224,9 +230,9 @@ class _Weights:
 
 
 def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan], config: QuantConfig, *,
-                  float_layers: frozenset[str], wide_layers: frozenset[str],
+                  float_layers: frozenset[str], wide_layers: frozenset[str], narrow_layers: frozenset[str],
                   corrections: Mapping[str, np.ndarray]) -> tuple[WeightPlan, ...]:
-    ctx = _Weights(index, {n.name: n for n in index.nodes}, groups, config, wide_layers, corrections)
+    ctx = _Weights(index, {n.name: n for n in index.nodes}, groups, config, wide_layers, narrow_layers, corrections)
     biases = {s.node: s for s in selection.weights if s.kind == BIAS}
     weights = [_weight_plan(ctx, slot, biases.get(slot.node)) for slot in selection.weights
                if slot.kind == WEIGHT and slot.node not in float_layers]
@@ -237,14 +243,19 @@ def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, 
 
 
 def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> WeightPlan:
-    """Symmetric per-channel int8 (int16 when raised) scales, clipped by MSE when optimising."""
+    """Symmetric per-channel weight scales: int8, int16 when raised, int4 when lowered.
+
+    Clipped by MSE when optimising, and always at 4 bits (``qmax = 7``: clipping decides there).
+    """
     node = ctx.nodes[slot.node]
     w = ctx.constant(slot.tensor, slot.node, "weight")
-    wqt = qtype(WIDE_WEIGHT if slot.node in ctx.wide_layers else ctx.config.weight_type)
+    narrow = slot.node in ctx.narrow_layers
+    wqt = qtype(WIDE_WEIGHT if slot.node in ctx.wide_layers else NARROW_WEIGHT if narrow else ctx.config.weight_type)
     qmax = wqt.qmax
     if wqt.qmax == 127 and _overflow_fix_applies(node, ctx.index, ctx.groups, ctx.config):
         qmax = affine.OVERFLOW_SAFE_QMAX
-    scales = (affine.mse_weight_scales if ctx.config.optimizing else affine.weight_scales)(w, slot.axis, qmax)
+    search = ctx.config.optimizing or narrow
+    scales = (affine.mse_weight_scales if search else affine.weight_scales)(w, slot.axis, qmax)
     if bias is not None and slot.axis is not None and ctx.integer_kernel(node):
         s_in = np.float32(ctx.groups[node.input[0]].params.scale)
         scales = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)
@@ -256,7 +267,8 @@ def _bias_plan(ctx: _Weights, slot: WeightSlot, weight_scales: np.ndarray | None
     """An int32 bias: at ``s_in * s_w`` for integer kernels, else at a scale of its own."""
     node = ctx.nodes[slot.node]
     b = ctx.constant(slot.tensor, slot.node, "bias").reshape(-1)
-    correction = ctx.corrections.get(slot.node) if slot.node not in ctx.wide_layers else None
+    keeps_8_bits = slot.node not in ctx.wide_layers and slot.node not in ctx.narrow_layers
+    correction = ctx.corrections.get(slot.node) if keeps_8_bits else None
     if correction is not None:
         b = b + np.asarray(correction, np.float32).reshape(-1)
     if ctx.integer_kernel(node):

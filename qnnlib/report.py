@@ -121,6 +121,73 @@ class ThresholdReport:
 
 
 @dataclass(frozen=True)
+class CurvePointReport:
+    """One point of the mixed-precision curve.
+
+    Its cost, estimated output error, groups per precision, the threshold's metric when it was
+    measured, and each group's (first tensor's) precision.
+    """
+
+    cost: float
+    estimate: float
+    counts: dict[str, int]
+    value: float | None
+    met: bool | None
+    chosen: bool
+    precisions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MixedReport:
+    """The accuracy/cost curve of a mixed-precision search, cheapest first, the chosen point marked."""
+
+    curve: tuple[CurvePointReport, ...]
+    sensitivity_seconds: float
+    sensitivity_float_passes: float
+    sensitivity_method: str
+
+    @property
+    def chosen(self) -> CurvePointReport | None:
+        """The point the model was built from."""
+        return next((p for p in self.curve if p.chosen), None)
+
+    def to_text(self) -> str:
+        """The curve as a table: cost, estimate, groups per precision, measured value."""
+        lines = [f"mixed precision: {len(self.curve)} curve points; sensitivity {self.sensitivity_method} in "
+                 f"{self.sensitivity_seconds:.1f}s ({self.sensitivity_float_passes:.1f} float passes)",
+                 f"  {'cost':>12} {'estimate':>10} {'int4':>5} {'int8':>5} {'int16':>5} {'float':>5} {'measured':>10}"]
+        for p in self.curve:
+            value = "" if p.value is None else f"{p.value:.6g}" + (" met" if p.met else "")
+            counts = " ".join(f"{p.counts.get(k, 0):>5}" for k in ("int4", "int8", "int16", "float"))
+            mark = "  <- chosen" if p.chosen else ""
+            lines.append(f"  {p.cost:>12.0f} {p.estimate:>10.3g} {counts} {value:>10}{mark}")
+        return "\n".join(lines)
+
+    def plot(self, ax: Any = None) -> Any:
+        """The curve (estimate and measured values against cost) on a matplotlib axis (``pip install qnnlib[plot]``)."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("MixedReport.plot needs matplotlib: pip install 'qnnlib[plot]'") from exc
+        if ax is None:
+            _, ax = plt.subplots()
+        ax.plot([p.cost for p in self.curve], [p.estimate for p in self.curve], "o-", label="estimated output error")
+        ax.set_xlabel("cost (weight bytes)")
+        ax.set_ylabel("estimated output error")
+        ax.set_yscale("symlog", linthresh=1e-6)
+        measured = [p for p in self.curve if p.value is not None]
+        if measured:
+            twin = ax.twinx()
+            twin.plot([p.cost for p in measured], [p.value for p in measured], "s", color="tab:red", label="measured")
+            twin.set_ylabel("threshold metric (measured)")
+        chosen = self.chosen
+        if chosen is not None:
+            ax.axvline(chosen.cost, color="tab:green", linestyle="--", label="chosen")
+        ax.legend(loc="upper right")
+        return ax
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything :func:`qnnlib.quantize` did and measured."""
 
@@ -135,6 +202,7 @@ class Report:
     notes: tuple[str, ...]
     evaluation_samples: int
     threshold: ThresholdReport | None = None
+    mixed: MixedReport | None = None
 
     @property
     def threshold_met(self) -> bool | None:
@@ -202,7 +270,9 @@ class Report:
                          f"(int8 gave {t.initial_value:.6g}; {len(t.raised_tensors)} tensors raised, "
                          f"{len(t.raised)} layers above int8; {t.seconds:.1f}s)")
             for tensor, level in t.raised_tensors.items():
-                lines.append(f"  raised {tensor} to {level}")
+                lines.append(f"  {'lowered' if level == 'int4' else 'raised'} {tensor} to {level}")
+        if self.mixed is not None:
+            lines.append(self.mixed.to_text())
         lines.append(f"tied groups: {len(self.groups)}; requantisations avoided: {self.requantizations_avoided}")
         worst = self.worst_layers(3)
         if worst:

@@ -14,14 +14,17 @@ from qnnlib.evaluate import Fidelity
 from qnnlib.fusion import COMPUTE_OPS, FusionSummary
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.select import Selection
+from qnnlib.optimize.mixed_search import MixedOutcome
 from qnnlib.optimize.raising import Outcome
 from qnnlib.optimize.ranges import RangeChoice
 from qnnlib.plan import LayerPlan, QuantPlan
 from qnnlib.report import (
     CalibrationReport,
+    CurvePointReport,
     FusionReport,
     GroupReport,
     LayerReport,
+    MixedReport,
     OutputReport,
     Report,
     ThresholdReport,
@@ -47,6 +50,7 @@ class Phases:
     validation: str
     timings: Mapping[str, float]
     notes: tuple[str, ...]
+    mixed: MixedOutcome | None = None
 
 
 def build_report(p: Phases) -> Report:
@@ -75,7 +79,19 @@ def build_report(p: Phases) -> Report:
         notes=tuple(notes),
         evaluation_samples=fidelity.samples if fidelity is not None else 0,
         threshold=_threshold(p.threshold, p.validation, p.config) if p.threshold is not None else None,
+        mixed=_mixed(p.mixed) if p.mixed is not None else None,
     )
+
+
+def _mixed(mixed: MixedOutcome) -> MixedReport:
+    """The curve, the chosen point and what the sensitivity analysis cost."""
+    assert mixed.report is not None
+    names = {g.group: g.tensor for g in mixed.report.groups}
+    points = tuple(CurvePointReport(p.cost, p.estimate, p.counts(), p.value, p.met, p.chosen,
+                                    {names[g]: q for g, q in p.precisions.items() if g in names})
+                   for p in mixed.curve)
+    return MixedReport(points, round(mixed.report.seconds, 3), round(mixed.report.float_passes, 1),
+                       mixed.report.method)
 
 
 def _fusion(summary: FusionSummary, index: GraphIndex, selection: Selection, plan: QuantPlan) -> FusionReport:

@@ -58,7 +58,7 @@ from qnnlib.optimize.error import output_error, region_outputs
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import build_plan
 from qnnlib.precision import BITS, fake_quantize_weight, group_params, owned_weights, weight_scales_at
-from qnnlib.prepare import Timer, prepare
+from qnnlib.prepare import PreparedModel, Timer, prepare
 from qnnlib.progress import Progress
 from qnnlib.threshold import LOWER_IS_BETTER, output_metric
 
@@ -257,12 +257,27 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
         plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         chosen = list(feeds.take(samples))
         generated = feeds.generated
+    return analyse_plan(m, plan, stats, chosen, config=config, precisions=precisions, method=method,
+                        progress=progress, generated=generated, timer=timer, start=start)
+
+
+def analyse_plan(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed], *,
+                 config: QuantConfig, precisions: Sequence[str], method: str = "estimate",
+                 progress: bool | None = None, generated: bool = False, timer: Timer | None = None,
+                 start: float | None = None) -> SensitivityReport:
+    """The analysis of an already calibrated ``plan`` (``stats`` with its low-bit ranges) on ``samples``.
+
+    What :func:`analyze_sensitivity` does after calibrating, and what :func:`qnnlib.quantize` calls
+    for mixed precision. ``timer`` and ``start`` carry the caller's timings into the report.
+    """
+    timer = timer if timer is not None else Timer()
+    start = start if start is not None else time.perf_counter()
     with timer("analyse"):
         configs = _Configurations(m.float_model, plan, config, stats,
                                   tuple(dict.fromkeys((*precisions, GAIN_PRECISION))) if method == "estimate"
                                   else precisions)
         gids = [g.id for g in plan.groups if any(configs.params[p].get(g.id) for p in precisions)]
-        metric, higher, results, float_pass = _analyse(m.float_model, configs, gids, chosen, config=config,
+        metric, higher, results, float_pass = _analyse(m.float_model, configs, gids, samples, config=config,
                                                        precisions=precisions, method=method, progress=progress)
     only, all_but, all_lowered = results
     groups = tuple(
@@ -275,9 +290,9 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
     )
     owned_nodes = {wp.node for ws in configs.owned.values() for wp in ws}
     unowned = tuple(dict.fromkeys(wp.node for wp in plan.weights if wp.kind == "weight" and wp.node not in owned_nodes))
-    return SensitivityReport(metric, higher, precisions, groups,
+    return SensitivityReport(metric, higher, tuple(precisions), groups,
                              {p: v[0] for p, v in all_lowered.items()}, {p: v[1] for p, v in all_lowered.items()},
-                             len(chosen), generated, unowned, time.perf_counter() - start, float_pass, method,
+                             len(samples), generated, unowned, time.perf_counter() - start, float_pass, method,
                              dict(timer.times))
 
 

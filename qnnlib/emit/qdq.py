@@ -8,8 +8,10 @@ For a quantised activation ``t`` produced by node P:
   DequantizeLinear writes ``t`` itself, so the name the user sees is kept;
 * a graph input that feeds only float ops is left alone for them.
 
-Weights become int8 initializers with per-channel scales feeding a DequantizeLinear (``axis``
-set); biases int32 initializers. Dropped activations (Relu/Clip folded into their producer)
+Weights become int8 (int4, int16 where the plan lowers or raises them) initializers with
+per-channel scales feeding a DequantizeLinear (``axis`` set); biases int32 initializers. 4- and
+16-bit Q/DQ are the ONNX domain's from opset 21, onnxruntime's com.microsoft ones (same
+semantics) below it. Dropped activations (Relu/Clip folded into their producer)
 disappear and the producer writes their output. Nodes are written in an order that keeps the
 graph topologically sorted, and every inserted name comes from one :class:`NameAllocator`.
 """
@@ -32,9 +34,9 @@ from qnnlib.numerics.qtypes import FLOAT, precision_name, qtype
 from qnnlib.plan import QuantPlan, WeightPlan
 from qnnlib.version import __version__
 
-#: QuantizeLinear/DequantizeLinear take 16-bit types in the ONNX domain from this opset on.
+#: QuantizeLinear/DequantizeLinear take 4- and 16-bit types in the ONNX domain from this opset on.
 QDQ_16BIT_OPSET = 21
-#: Below it, onnxruntime's contrib Q/DQ (same semantics) carry 16-bit types.
+#: Below it, onnxruntime's contrib Q/DQ (same semantics) carry 4- and 16-bit types.
 CONTRIB_DOMAIN = "com.microsoft"
 
 
@@ -59,14 +61,18 @@ class _Writer:
         self.initializers: list[onnx.TensorProto] = []
         self.group_params: dict[int, tuple[str, str]] = {}
 
-    def constant(self, base: str, value: np.ndarray) -> str:
+    def constant(self, base: str, value: np.ndarray, onnx_type: int | None = None) -> str:
+        """A new initializer; ``onnx_type`` gives 4-bit types, which numpy cannot hold (values packed by onnx)."""
         name = self.names.fresh(base)
-        self.initializers.append(numpy_helper.from_array(value, name))
+        if onnx_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            self.initializers.append(helper.make_tensor(name, onnx_type, value.shape, value.reshape(-1).tolist()))
+        else:
+            self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
     def node(self, op: str, inputs: list[str], output_base: str, *, axis: int | None = None,
              output: str | None = None, wide: bool = False) -> onnx.NodeProto:
-        """A node named after its output; ``wide`` Q/DQ (16-bit) go to com.microsoft below opset 21."""
+        """A node named after its output; ``wide`` Q/DQ (4- or 16-bit) go to com.microsoft below opset 21."""
         out = output if output is not None else self.names.fresh(output_base)
         domain = ""
         if wide and self.opset < QDQ_16BIT_OPSET:
@@ -87,7 +93,10 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
     layers = {layer.node for layer in plan.layers}
     quantized_names: dict[str, str] = {}
     tensors = [m for g in plan.groups if g.params.qtype != FLOAT for m in g.members]
+    copies = {t for t in tensors if _narrow_copy(index, plan, t)}  # before any reader is rewired
     for tensor in sorted(tensors, key=_order_key(index)):
+        if tensor in copies:
+            continue
         if index.is_constant(tensor):
             _emit_constant(index, writer, plan, tensor, layers)
         elif index.producer(tensor) is not None or tensor in index.graph_inputs:
@@ -135,9 +144,24 @@ def _drop_activations(model: onnx.ModelProto, dropped: tuple[str, ...]) -> None:
     replace_nodes(model, (n for n in model.graph.node if id(n) not in gone))
 
 
+def _narrow_copy(index: GraphIndex, plan: QuantPlan, tensor: str) -> bool:
+    """Whether ``tensor`` is a 4-bit member written from another member of its group (MaxPool, Concat, Reshape).
+
+    Its values already lie on the group's grid, so it needs no Q/DQ of its own; and onnxruntime
+    1.31 rejects the graph its optimiser makes of ``DQ -> MaxPool -> Q`` at 4 bits (a MaxPool on
+    uint4), so none is written. At 8 bits the pair stays: it keeps such ops on integer data.
+    """
+    group = plan.group_of(tensor)
+    producer = index.producer(tensor)
+    if group is None or producer is None or precision_name(group.params.qtype) != "int4":
+        return False
+    members = set(group.members)
+    return not index.is_graph_output(tensor) and any(t in members for t in producer.input)
+
+
 def _is_wide(plan: QuantPlan, tensor: str) -> bool:
-    """Whether ``tensor``'s group is stored in 16 bits (raised precision)."""
-    return precision_name(plan.params(tensor).qtype) == "int16"
+    """Whether ``tensor``'s group is stored in a type that needs opset 21 Q/DQ (4 or 16 bits)."""
+    return precision_name(plan.params(tensor).qtype) in ("int4", "int16")
 
 
 def _qparams(writer: _Writer, plan: QuantPlan, tensor: str) -> tuple[str, str]:
@@ -148,7 +172,7 @@ def _qparams(writer: _Writer, plan: QuantPlan, tensor: str) -> tuple[str, str]:
         params = group.params
         qt = qtype(params.qtype)
         scale = writer.constant(f"{tensor}_scale", np.array(params.scale, np.float32))
-        zero = writer.constant(f"{tensor}_zero_point", np.array(params.zero_point, qt.np_dtype))
+        zero = writer.constant(f"{tensor}_zero_point", np.array(params.zero_point, qt.np_dtype), qt.onnx_type)
         writer.group_params[group.id] = (scale, zero)
     return writer.group_params[group.id]
 
@@ -192,7 +216,7 @@ def _emit_constant(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor: 
     params = plan.params(tensor)
     qt = qtype(params.qtype)
     value = affine.quantize(index.constant(tensor), params.scale, params.zero_point, qt)
-    q_name = writer.constant(f"{tensor}_quantized", value)
+    q_name = writer.constant(f"{tensor}_quantized", value, qt.onnx_type)
     scale, zero = _qparams(writer, plan, tensor)
     for use in readers:
         dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized",
@@ -213,7 +237,7 @@ def _emit_weights(index: GraphIndex, writer: _Writer, plan: QuantPlan) -> None:
         q_name, scale, zero = cache[key]
         axis = wp.axis if scales.size > 1 else None
         dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{wp.tensor}_dequantized", axis=axis,
-                         wide=wp.kind == "weight" and precision_name(wp.qtype) == "int16")
+                         wide=wp.kind == "weight" and precision_name(wp.qtype) in ("int4", "int16"))
         node.input[wp.input_index] = dq.output[0]
         writer.before.setdefault(id(node), []).append(dq)
 
@@ -230,9 +254,10 @@ def _quantized_weight(index: GraphIndex, writer: _Writer, wp: WeightPlan, scales
         zero_value = np.zeros(scales.shape, qt.np_dtype)
     if scales.size == 1:
         scales, zero_value = scales.reshape(()), zero_value.reshape(())
-    q_name = writer.constant(f"{wp.tensor}_quantized", q)
+    onnx_type = None if wp.kind == "bias" else qtype(wp.qtype).onnx_type
+    q_name = writer.constant(f"{wp.tensor}_quantized", q, onnx_type)
     scale = writer.constant(f"{wp.tensor}_scale", scales)
-    zero = writer.constant(f"{wp.tensor}_zero_point", zero_value)
+    zero = writer.constant(f"{wp.tensor}_zero_point", zero_value, onnx_type)
     return q_name, scale, zero
 
 

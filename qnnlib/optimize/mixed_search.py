@@ -1,0 +1,161 @@
+"""Meet the threshold at the least cost with a precision per tied group.
+
+Used by :func:`qnnlib.quantize` when ``QuantConfig.precisions`` holds ``"int4"``:
+
+1. The sensitivity estimate (:func:`qnnlib.sensitivity.analyse_plan`) of the calibrated int8 plan
+   gives each group's output error ``e_g(p)`` at every allowed precision (``float``: 0).
+2. The accuracy/cost curve: for :data:`CURVE_BUDGETS` error budgets spaced geometrically from a
+   tenth of the smallest group error to the all-lowest-precision estimate, and zero, the least-cost
+   assignment (:func:`qnnlib.assign.assign_milp`); points that another beats on both cost and
+   estimate are dropped, the rest ordered from the cheapest.
+3. The estimate orders the points; real runs decide. A binary search along the curve measures the
+   emitted model of a point on the validation data with the threshold's metric and finds the
+   cheapest point that meets it, assuming only that a dearer point (less estimated error) is not
+   worse; every point measured is kept in the curve with its value. If no measured point meets the
+   threshold, the best measured one is kept.
+
+The cost of a point is the model's weight bytes by default (each group's owned weights at its
+precision, float 4 bytes), or ``sum_g cost(group, precision)`` for a callable ``cost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qnnlib.assign import Assignment, assign_milp
+from qnnlib.emit.qdq import Emitted
+from qnnlib.optimize.raising import Evaluator, Outcome, Step
+from qnnlib.plan import QuantPlan
+from qnnlib.sensitivity import GroupSensitivity, SensitivityReport
+
+log = logging.getLogger(__name__)
+
+#: Error budgets the curve is computed at (plus zero).
+CURVE_BUDGETS = 24
+#: A user cost: the cost of one group at one precision.
+CostFn = Callable[[GroupSensitivity, str], float]
+
+
+@dataclass
+class CurvePoint:
+    """One assignment on the accuracy/cost curve; ``value`` and ``met`` once measured."""
+
+    precisions: dict[int, str]
+    cost: float
+    estimate: float
+    value: float | None = None
+    met: bool | None = None
+    chosen: bool = False
+
+    def counts(self) -> dict[str, int]:
+        """Groups per precision."""
+        out: dict[str, int] = {}
+        for p in self.precisions.values():
+            out[p] = out.get(p, 0) + 1
+        return out
+
+
+@dataclass
+class MixedOutcome:
+    """The threshold outcome (as for raising) and the whole curve with the chosen point marked."""
+
+    outcome: Outcome
+    curve: list[CurvePoint] = field(default_factory=list)
+    report: SensitivityReport | None = None
+
+
+def cost_table(report: SensitivityReport, allowed: Sequence[str], cost: str | CostFn) -> dict[int, dict[str, float]]:
+    """Each group's cost at each allowed precision: weight bytes (``"bytes"``) or the user's ``cost``."""
+    if cost == "bytes":
+        table = report.cost_table()
+        return {g: {p: c for p, c in row.items() if p in allowed} for g, row in table.items()}
+    assert callable(cost)
+    return {g.group: {p: float(cost(g, p)) for p in allowed} for g in report.groups}
+
+
+def error_table(report: SensitivityReport, allowed: Sequence[str]) -> dict[int, dict[str, float]]:
+    """Each group's estimated output error at each allowed precision (``float``: 0)."""
+    table = report.error_table()
+    return {g: {p: e for p, e in row.items() if p in allowed} for g, row in table.items()}
+
+
+def curve_points(errors: Mapping[int, Mapping[str, float]],
+                 costs: Mapping[int, Mapping[str, float]]) -> list[CurvePoint]:
+    """The curve (see the module docstring): cheapest first, no point beaten on both cost and estimate."""
+    positive = [e for row in errors.values() for e in row.values() if e > 0]
+    if not positive:
+        found = [assign_milp(errors, costs, 0.0)]
+    else:
+        lo, hi = min(positive) / 10, sum(max(row.values()) for row in errors.values())
+        budgets = [0.0, *np.geomspace(lo, hi * 1.000001, CURVE_BUDGETS).tolist()]
+        found = [assign_milp(errors, costs, b) for b in budgets]
+    unique: dict[tuple[tuple[int, str], ...], Assignment] = {}
+    for a in found:
+        if a is not None:
+            unique.setdefault(tuple(sorted(a.precisions.items())), a)
+    ordered = sorted(unique.values(), key=lambda a: (a.cost, a.estimate))
+    front: list[Assignment] = []
+    for a in ordered:
+        if not front or a.estimate < front[-1].estimate:
+            front.append(a)
+    return [CurvePoint(a.precisions, a.cost, a.estimate) for a in front]
+
+
+def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Sequence[str], cost: str | CostFn,
+                 build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]]) -> MixedOutcome:
+    """The cheapest curve point meeting the threshold on real runs (see the module docstring)."""
+    start = time.perf_counter()
+    points = curve_points(error_table(report, allowed), cost_table(report, allowed, cost))
+    built: dict[int, tuple[QuantPlan, Emitted]] = {}
+
+    def measure(i: int) -> bool:
+        point = points[i]
+        if point.value is None:
+            built[i] = build(point.precisions)
+            point.value = evaluator.value(built[i][1].model)
+            point.met = evaluator.met(point.value)
+            log.info("curve point %d/%d (cost %.4g, estimate %.3g): %.6g, %s", i + 1, len(points), point.cost,
+                     point.estimate, point.value, "met" if point.met else "not met")
+        return bool(point.met)
+
+    lo, hi = 0, len(points) - 1
+    if measure(hi):
+        while lo < hi:  # invariant: hi meets
+            mid = (lo + hi) // 2
+            if measure(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        best = hi
+    else:
+        measured = [i for i, p in enumerate(points) if p.value is not None]
+        best = max(measured, key=lambda i: _rank(evaluator, points[i].value))
+    points[best].chosen = True
+    plan, emitted = built[best]
+    chosen = points[best]
+    steps = [Step(sum(1 for q in p.precisions.values() if q != "int8"), "mixed", p.value, bool(p.met),
+                  _layers_off_int8(p.precisions, report))
+             for p in points if p.value is not None]
+    assert chosen.value is not None
+    outcome = Outcome(plan, emitted, chosen.value, bool(chosen.met), evaluator.float_score, math.nan,
+                      raised={layer.node: layer.precision for layer in plan.layers if layer.precision != "int8"},
+                      raised_groups={g: p for g, p in chosen.precisions.items() if p != "int8"},
+                      steps=steps, seconds=time.perf_counter() - start)
+    return MixedOutcome(outcome, points, report)
+
+
+def _rank(evaluator: Evaluator, value: float | None) -> float:
+    """A number that is larger for a better metric value."""
+    assert value is not None
+    return value if evaluator.better(1.0, 0.0) else -value
+
+
+def _layers_off_int8(precisions: Mapping[int, str], report: SensitivityReport) -> int:
+    """Weighted layers whose group is not at int8."""
+    return sum(len(g.layers) for g in report.groups if precisions.get(g.group, "int8") != "int8")

@@ -1,0 +1,145 @@
+"""Mixed-precision plans: every precision emits a model onnxruntime loads and runs, and the
+simulation's figure for a configuration is what the emitted model measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import qnnlib
+from qnnlib.calibration.collect import CalibrationStats, collect
+from qnnlib.calibration.feeds import FeedSource
+from qnnlib.config import QuantConfig
+from qnnlib.emit.qdq import emit_qdq
+from qnnlib.graph.model_io import make_session
+from qnnlib.mixed import plan_with_precisions
+from qnnlib.plan import QuantPlan
+from qnnlib.planner import build_plan
+from qnnlib.prepare import PreparedModel, Timer, prepare
+from qnnlib.threshold import output_metric
+from tests import builders
+
+CONFIG = QuantConfig(optimize=False)
+
+
+@pytest.fixture(scope="module")
+def planned() -> tuple[PreparedModel, QuantPlan, CalibrationStats, list[dict[str, np.ndarray]]]:
+    """conv_net (Concat, MaxPool, Add, pools, Gemm), its int8 plan and calibration statistics."""
+    model = builders.conv_net()
+    calib = builders.calibration(model, 8)
+    m = prepare(model, CONFIG, Timer())
+    with FeedSource(calib, m.specs, rng=np.random.default_rng(0)) as feeds:
+        stats = collect(m.float_model, m.selection.observed(m.index), feeds, CONFIG.calibration, levels=256,
+                        symmetric=False, low_bit_levels=16)
+    return m, build_plan(m.index, m.selection, m.groups, stats.ranges, CONFIG), stats, calib
+
+
+def _sqnr(m: PreparedModel, model: onnx.ModelProto, calib: list[dict[str, np.ndarray]]) -> float:
+    reference = make_session(m.float_model)
+    session = make_session(model)  # default optimisation: what a user's session does
+    return output_metric("sqnr", [reference.run(None, f) for f in calib], [session.run(None, f) for f in calib])
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8", "int16", "float"])
+def test_every_precision_loads_and_runs(planned, precision: str) -> None:  # type: ignore[no-untyped-def]
+    m, base, stats, calib = planned
+    plan = plan_with_precisions(m, base, stats, CONFIG, {g.id: precision for g in base.groups})
+    model = emit_qdq(m.float_model, plan).model
+    onnx.checker.check_model(model)
+    sqnr = _sqnr(m, model, calib)
+    expected = {"int4": (5, 40), "int8": (30, 70), "int16": (70, 200), "float": (200, np.inf)}[precision]
+    assert expected[0] < sqnr <= expected[1], sqnr
+    types = {i.data_type for i in model.graph.initializer}
+    if precision == "int4":
+        assert onnx.TensorProto.INT4 in types and onnx.TensorProto.UINT4 in types
+        assert {layer.precision for layer in plan.layers} == {"int4"}
+    if precision == "float":
+        assert not any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_int4_maxpool_loads_under_default_optimisation(planned) -> None:  # type: ignore[no-untyped-def]
+    """onnxruntime 1.31 rejects DQ -> MaxPool -> Q at 4 bits; the emitter leaves that pair out, exactly."""
+    m, base, stats, calib = planned
+    plan = plan_with_precisions(m, base, stats, CONFIG, {g.id: "int4" for g in base.groups})
+    model = emit_qdq(m.float_model, plan).model
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0] for n in model.graph.node)
+    fast = make_session(model, optimization="all")
+    plain = make_session(model, optimization="disable")
+    for f in calib[:2]:
+        np.testing.assert_allclose(fast.run(None, f)[0], plain.run(None, f)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_mixed_model_measures_what_the_analysis_says(planned) -> None:  # type: ignore[no-untyped-def]
+    m, base, stats, calib = planned
+    model = builders.conv_net()
+    report = qnnlib.analyze_sensitivity(model, calib, config=CONFIG, precisions=("int4", "int16"), samples=8,
+                                        method="measure")
+    for precision in ("int4", "int16"):
+        plan = plan_with_precisions(m, base, stats, CONFIG, {g.id: precision for g in base.groups})
+        measured = _sqnr(m, emit_qdq(m.float_model, plan).model, calib)
+        assert measured == pytest.approx(report.all_lowered[precision], abs=0.5), precision
+
+
+MIXED = ("int4", "int8", "int16", "float")
+
+
+def _sqnr_config(db: float) -> QuantConfig:
+    return QuantConfig(precisions=MIXED, threshold=qnnlib.Threshold(metric="sqnr", min=db))
+
+
+def test_quantize_meets_the_threshold_at_the_least_measured_cost() -> None:
+    model = builders.conv_net()
+    calib = builders.calibration(model, 16)
+    validation = builders.calibration(model, 6, seed=7)
+    result = qnnlib.quantize(model, calib, validation=validation, config=_sqnr_config(30.0))
+    t, mixed = result.report.threshold, result.report.mixed
+    assert t is not None and mixed is not None and t.met
+    # the report's figure is what the returned model measures
+    reference = make_session(builders.conv_net())
+    session = result.session()
+    measured = output_metric("sqnr", [reference.run(None, f) for f in validation],
+                             [session.run(None, f) for f in validation])
+    assert measured == pytest.approx(t.value, abs=1e-6)
+    # the curve: cheapest first, estimates falling; the chosen point is the cheapest measured one that meets
+    costs = [p.cost for p in mixed.curve]
+    estimates = [p.estimate for p in mixed.curve]
+    assert costs == sorted(costs) and estimates == sorted(estimates, reverse=True)
+    chosen = mixed.chosen
+    assert chosen is not None and chosen.met
+    assert all(not p.met for p in mixed.curve if p.value is not None and p.cost < chosen.cost)
+    assert "<- chosen" in result.report.to_text()
+
+
+def test_a_loose_threshold_takes_int4_and_a_smaller_model() -> None:
+    model = builders.conv_net()
+    calib = builders.calibration(model, 16)
+    int8 = qnnlib.quantize(model, calib)
+    result = qnnlib.quantize(model, calib, config=_sqnr_config(15.0))
+    assert result.report.threshold is not None and result.report.threshold.met
+    assert result.report.mixed is not None and result.report.mixed.chosen is not None
+    assert result.report.mixed.chosen.counts.get("int4", 0) > 0
+    assert any(layer.precision == "int4" for layer in result.plan.layers)
+    assert len(result.model.SerializeToString()) < len(int8.model.SerializeToString())
+
+
+def test_int4_needs_a_threshold() -> None:
+    with pytest.raises(qnnlib.ConfigError, match=r"under a threshold"):
+        QuantConfig(precisions=MIXED)
+    with pytest.raises(qnnlib.ConfigError, match="cost must be"):
+        QuantConfig(precisions=MIXED, threshold=qnnlib.Threshold(metric="sqnr", min=20.0), cost="flops")
+
+
+def test_a_callable_cost_is_minimised() -> None:
+    """A cost that makes int16 free and int4 dear: the search then never takes int4."""
+    model = builders.conv_net()
+    calib = builders.calibration(model, 16)
+
+    def cost(group, precision):  # type: ignore[no-untyped-def]
+        return {"int4": 10.0, "int8": 1.0, "int16": 0.0, "float": 5.0}[precision]
+
+    config = QuantConfig(precisions=MIXED, threshold=qnnlib.Threshold(metric="sqnr", min=15.0), cost=cost)
+    result = qnnlib.quantize(model, calib, config=config)
+    assert result.report.mixed is not None and result.report.mixed.chosen is not None
+    assert set(result.report.mixed.chosen.counts) == {"int16"}
