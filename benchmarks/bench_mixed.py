@@ -14,8 +14,9 @@ scores 1), with a threshold of ``max_drop=D``:
 Columns: the task metric on held-out inputs against float; the saved model's size (MB, the
 issue's "model size"); single-thread latency (ms, median of interleaved runs); search wall time
 (s); compute ops onnxruntime leaves in float (its integer kernels take 8-bit operands only, so
-int4 and int16 layers count here too); the layers' precisions in qnnlib's plan; whether the
-threshold was met on validation data. The float model's size and latency head each block.
+int4 and int16 layers count here too); whether the threshold was met on validation data; the
+layers' precisions in qnnlib's plan (a layer with int4 weights and input counts as int4) and, for
+the mixed run, the tied groups per precision of the chosen point. The float model's size and latency head each block.
 """
 
 from __future__ import annotations
@@ -79,13 +80,15 @@ def verdicts(row: dict[str, Any], drops: list[float]) -> list[str]:
 def fmt(row: dict[str, Any], drops: list[float]) -> str:
     lines = [f"== {row['model']} (metric {row['metric']} on {row['held_out']} held-out inputs; float "
              f"{row['float_mb']:.3f} MB, {row['float_latency_ms']:.2f} ms)",
-             f"{'':30}{row['metric']:>11}{'MB':>8}{'ms':>8}{'time s':>8}{'>int8':>7}{'met':>5}  precisions"]
+             f"{'':30}{row['metric']:>11}{'MB':>8}{'ms':>8}{'time s':>8}{'>int8':>7}{'met':>5}  layers (groups)"]
     for key, stats in row["runs"].items():
         if "error" in stats:
             lines.append(f"{key:30} failed: {stats['error']}")
             continue
         met = "yes" if stats.get("met") else "no"
         precisions = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("layer_precisions", {}).items()))
+        if stats.get("group_precisions"):
+            precisions += " (" + ", ".join(f"{k} {v}" for k, v in sorted(stats["group_precisions"].items())) + ")"
         lines.append(f"{key:30}{stats['held_out_score']:>11.3f}{stats['mb']:>8.3f}{stats['latency_ms']:>8.2f}"
                      f"{stats['time']:>8.1f}{stats['above_int8']:>7}{met:>5}  {precisions}")
     return "\n".join(lines + verdicts(row, drops))

@@ -72,6 +72,8 @@ def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = N
             "layers_raised_report": len(result.report.layers_above_int8),
             "layer_precisions": _count(layer.precision for layer in result.plan.layers),
             "curve_points": None if result.report.mixed is None else len(result.report.mixed.curve),
+            "group_precisions": None if result.report.mixed is None or result.report.mixed.chosen is None
+            else result.report.mixed.chosen.counts,
             "measured_points": None if result.report.mixed is None else
             sum(1 for p in result.report.mixed.curve if p.value is not None)}
 

@@ -140,6 +140,8 @@ def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup,
         elif name in wide_layers:
             widths.add("int16")
         precision = next(p for p in (FLOAT, "int16", "int8", "int4") if p in widths)
+        if name in narrow_layers and precision != FLOAT:
+            precision = "int4"  # int4 weights and input: the kernel is W4A4 whatever its output's width
         layers.append(LayerPlan(name, node.op_type, precision, inputs, outputs))
     dropped = tuple(
         name for name in selection.foldable
