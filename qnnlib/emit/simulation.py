@@ -84,13 +84,11 @@ class Simulation:
         return feeds
 
 
-def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches: bool = False,
-                     float_weights: bool = False) -> Simulation:
+def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches: bool = False) -> Simulation:
     """The simulation model of ``plan`` over ``model`` (the normalised float model, unchanged).
 
     ``weight_switches``: weights as quantisation points with their parameters as inputs (see the
-    module docstring) instead of the plan's dequantised constants; ``float_weights``: the model's
-    own float weights and biases as constants (activations only are simulated).
+    module docstring) instead of the plan's dequantised constants.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -105,7 +103,7 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches
         for key, (chain, params, shape) in _weight_points(out, index, plan, names).items():
             head.extend(chain)
             weight_inputs[key], weight_shapes[key] = params, shape
-    elif not float_weights:
+    else:
         _dequantised_weights(out, index, plan, names)
     simulated = _activation_points(out, index, plan, inputs, names, head=head, after=after)
     for node in out.graph.node:
