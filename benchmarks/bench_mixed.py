@@ -30,8 +30,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from benchmarks.bench_quantize import latency, output_sqnr, outputs_of, session
-from benchmarks.bench_threshold import layers_above_int8, run_aware
+from benchmarks.bench_threshold import run_aware, score_runs
 from benchmarks.threshold_worker import CALIB, VALIDATION, build_task
 
 RUNS = (("qnnlib mixed", "qnnlib-mixed"), ("qnnlib threshold", "qnnlib-threshold"),
@@ -49,17 +48,7 @@ def bench_model(name: str, work: Path, drops: list[float], timeout: float) -> di
             outputs[key] = work / name / f"{key.replace(' ', '-')}.onnx"
             outputs[key].parent.mkdir(parents=True, exist_ok=True)
             row["runs"][key] = run_aware(tool, task, outputs[key], drop, timeout)
-    reference = outputs_of(session(task.model_path), task)
-    done = {k: outputs[k] for k, stats in row["runs"].items() if "error" not in stats}
-    for key, path in done.items():
-        got = outputs_of(session(path), task)
-        stats = row["runs"][key]
-        stats.update(held_out_score=task.metric(reference, got), sqnr_db=output_sqnr(reference, got),
-                     above_int8=layers_above_int8(path), mb=path.stat().st_size / 1e6)
-    times = latency({"float": task.model_path, **done}, {task.input_name: task.held[0]})
-    row["float_latency_ms"] = times.pop("float")
-    for key, ms in times.items():
-        row["runs"][key]["latency_ms"] = ms
+    score_runs(task, row, outputs)
     return row
 
 
@@ -89,7 +78,7 @@ def fmt(row: dict[str, Any], drops: list[float]) -> str:
         precisions = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("layer_precisions", {}).items()))
         if stats.get("group_precisions"):
             precisions += " (" + ", ".join(f"{k} {v}" for k, v in sorted(stats["group_precisions"].items())) + ")"
-        lines.append(f"{key:30}{stats['held_out_score']:>11.3f}{stats['mb']:>8.3f}{stats['latency_ms']:>8.2f}"
+        lines.append(f"{key:30}{stats['held_out']:>11.3f}{stats['mb']:>8.3f}{stats['latency_ms']:>8.2f}"
                      f"{stats['time']:>8.1f}{stats['above_int8']:>7}{met:>5}  {precisions}")
     return "\n".join(lines + verdicts(row, drops))
 

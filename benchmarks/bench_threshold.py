@@ -122,19 +122,23 @@ def bench_model(name: str, work: Path, drops: list[float], timeout: float, with_
     for label, tool, drop in aware:
         outputs[label] = work / name / f"{label.replace(' ', '-')}.onnx"
         row["runs"][label] = run_aware(tool, task, outputs[label], drop, timeout)
+    score_runs(task, row, outputs)
+    return row
+
+
+def score_runs(task: Task, row: dict[str, Any], outputs: dict[str, Path]) -> None:
+    """Add to each successful run in ``row["runs"]`` its held-out metric, output SQNR, layers above
+    int8, size (MB) and latency, and the float model's latency to ``row``."""
     reference = outputs_of(session(task.model_path), task)
     done = {label: outputs[label] for label, stats in row["runs"].items() if "error" not in stats}
     for label, path in done.items():
         got = outputs_of(session(path), task)
-        stats = row["runs"][label]
-        stats["held_out"] = task.metric(reference, got)
-        stats["sqnr_db"] = output_sqnr(reference, got)
-        stats["above_int8"] = layers_above_int8(path)
+        row["runs"][label].update(held_out=task.metric(reference, got), sqnr_db=output_sqnr(reference, got),
+                                  above_int8=layers_above_int8(path), mb=path.stat().st_size / 1e6)
     times = latency({"float": task.model_path, **done}, {task.input_name: task.held[0]})
     row["float_latency_ms"] = times.pop("float")
     for label, ms in times.items():
         row["runs"][label]["latency_ms"] = ms
-    return row
 
 
 def _better(row: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> bool:
