@@ -26,7 +26,7 @@ from qnnlib.config import QuantConfig
 from qnnlib.numerics.qtypes import FLOAT
 from qnnlib.plan import QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
-from qnnlib.precision import activation_type_at, extent, owned_weights, widened
+from qnnlib.precision import activation_type_at, owned_weights, range_at
 from qnnlib.prepare import PreparedModel
 
 #: Every precision a group can take.
@@ -52,14 +52,10 @@ def plan_with_precisions(m: PreparedModel, base: QuantPlan, stats: CalibrationSt
         layers[precision].update(wp.node for wp in owned.get(g.id, ()))
         if precision == FLOAT:
             choices[g.id] = GroupChoice(qtype=FLOAT, source="mixed precision")
-        elif precision == "int16":
-            choices[g.id] = GroupChoice(range=widened(extent(g.members, stats.extremes)) or g.params.range,
-                                        qtype=activation_type_at(config.activation_type, "int16"),
-                                        source="mixed precision")
         else:
-            seen = [stats.low_bit_ranges[t] for t in g.members if t in stats.low_bit_ranges]
-            span = (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else g.params.range
-            choices[g.id] = GroupChoice(range=span, qtype=activation_type_at(config.activation_type, "int4"),
+            span = range_at(g.members, precision, extremes=stats.extremes, low_bit_ranges=stats.low_bit_ranges)
+            choices[g.id] = GroupChoice(range=span or g.params.range,
+                                        qtype=activation_type_at(config.activation_type, precision),
                                         source="mixed precision")
     return build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices,
                       float_layers=frozenset(layers[FLOAT]), wide_layers=frozenset(layers["int16"]),

@@ -58,6 +58,19 @@ def widened(span: tuple[float, float] | None) -> tuple[float, float] | None:
     return None if span is None else (span[0] * RAISED_MARGIN, span[1] * RAISED_MARGIN)
 
 
+def range_at(members: tuple[str, ...], precision: str, *, extremes: Mapping[str, tuple[float, float]],
+             low_bit_ranges: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
+    """A group's range at 16 or 4 bits (see the module docstring); None when no member was observed.
+
+    ``int16``: the observed extent widened by :data:`RAISED_MARGIN`; ``int4``: the union of the
+    members' 16-level least-squared-error ranges.
+    """
+    if precision == "int16":
+        return widened(extent(members, extremes))
+    seen = [low_bit_ranges[m] for m in members if m in low_bit_ranges]
+    return (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else None
+
+
 def group_params(group: GroupPlan, precision: str, *, activation_type: str, symmetric: bool,
                  extremes: Mapping[str, tuple[float, float]],
                  low_bit_ranges: Mapping[str, tuple[float, float]],
@@ -70,11 +83,7 @@ def group_params(group: GroupPlan, precision: str, *, activation_type: str, symm
         return None
     if precision == "int8" or group.params.source == "override":
         return group.params
-    if precision == "int16":
-        span = widened(extent(group.members, extremes))
-    else:
-        seen = [low_bit_ranges[m] for m in group.members if m in low_bit_ranges]
-        span = (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else None
+    span = range_at(group.members, precision, extremes=extremes, low_bit_ranges=low_bit_ranges)
     if span is None:
         return None
     qt = qtype(activation_type_at(activation_type, precision))
