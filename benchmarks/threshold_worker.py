@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,19 +71,12 @@ def run_qnnlib(task: Task, out: Path, max_drop: float, optimize: bool | None = N
     return {"time": elapsed, "met": result.report.threshold_met,
             "validation_score": None if threshold is None else threshold.value,
             "layers_raised_report": len(result.report.layers_above_int8),
-            "layer_precisions": _count(layer.precision for layer in result.plan.layers),
+            "layer_precisions": dict(Counter(layer.precision for layer in result.plan.layers)),
             "curve_points": None if result.report.mixed is None else len(result.report.mixed.curve),
             "group_precisions": None if result.report.mixed is None or result.report.mixed.chosen is None
             else result.report.mixed.chosen.counts,
             "measured_points": None if result.report.mixed is None else
             sum(1 for p in result.report.mixed.curve if p.value is not None)}
-
-
-def _count(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def run_nncf(task: Task, out: Path, max_drop: float, accuracy_control: bool) -> dict[str, Any]:

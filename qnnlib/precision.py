@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from qnnlib.numerics import affine
-from qnnlib.numerics.qtypes import FLOAT, qtype
+from qnnlib.numerics.qtypes import FLOAT, INT8, INT16, qtype
 from qnnlib.plan import ActivationParams, GroupPlan, QuantPlan, WeightPlan
 
 #: Precisions a group can be lowered or raised to, and their bit widths.
@@ -118,11 +118,8 @@ def owned_weights(plan: QuantPlan) -> dict[int, tuple[WeightPlan, ...]]:
 
 
 def fake_quantize_weight(value: np.ndarray, scales: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
-    """``clip(rint(w / s[c]), -qmax, qmax) * s[c]`` along ``axis`` (one scale for all when ``scales`` has one entry)."""
-    value = np.asarray(value, np.float32)
+    """``clip(rint(w / s[c]), -qmax, qmax) * s[c]`` along ``axis``: :func:`affine.quantize_weight`, dequantised."""
     scales = np.asarray(scales, np.float32).reshape(-1)
-    shape = [1] * value.ndim
-    if axis is not None and scales.size > 1:
-        shape[axis % value.ndim] = scales.size
-    s = scales.reshape(shape) if scales.size > 1 else scales.reshape(())
-    return (np.clip(np.rint(value / s), -qmax, qmax) * s).astype(np.float32)
+    axis = axis if scales.size > 1 else None
+    q = affine.quantize_weight(np.asarray(value, np.float32), scales, axis, INT16 if qmax > INT8.qmax else INT8, qmax)
+    return affine.dequantize(q, scales if axis is not None else scales.reshape(()), 0, axis)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,10 +58,7 @@ class CurvePoint:
 
     def counts(self) -> dict[str, int]:
         """Groups per precision."""
-        out: dict[str, int] = {}
-        for p in self.precisions.values():
-            out[p] = out.get(p, 0) + 1
-        return out
+        return dict(Counter(self.precisions.values()))
 
 
 @dataclass
@@ -140,7 +138,10 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
         best = hi
     else:
         measured = [i for i, p in enumerate(points) if p.value is not None]
-        best = max(measured, key=lambda i: _rank(evaluator, points[i].value))
+        best = measured[0]
+        for i in measured[1:]:
+            if evaluator.better(points[i].value, points[best].value):  # type: ignore[arg-type]
+                best = i
     points[best].chosen = True
     plan, emitted = built[best]
     chosen = points[best]
@@ -166,12 +167,6 @@ def _with_int8(points: list[CurvePoint], errors: Mapping[int, Mapping[str, float
     at = next((i for i, p in enumerate(points) if (p.cost, p.estimate) > (point.cost, point.estimate)), len(points))
     points.insert(at, point)
     return at
-
-
-def _rank(evaluator: Evaluator, value: float | None) -> float:
-    """A number that is larger for a better metric value."""
-    assert value is not None
-    return value if evaluator.better(1.0, 0.0) else -value
 
 
 def _layers_off_int8(precisions: Mapping[int, str], report: SensitivityReport) -> int:
