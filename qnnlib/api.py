@@ -36,7 +36,7 @@ from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
 from qnnlib.precision import extent, group_params, widened
-from qnnlib.prepare import PreparedModel, Timer, prepare
+from qnnlib.prepare import PreparedModel, Timer, open_feeds, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
 from qnnlib.sensitivity import DEFAULT_SAMPLES as SENSITIVITY_SAMPLES
@@ -69,9 +69,7 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
     replay = max(config.report_samples, config.optimize_samples if config.optimizing else 0,
                  SENSITIVITY_SAMPLES if config.mixed else 0)
     with ExitStack() as stack:
-        feeds = stack.enter_context(FeedSource(calib, m.specs, max_samples=config.max_calibration_samples,
-                                               replay=replay, holdout=holdout,
-                                               rng=np.random.default_rng(config.seed)))
+        feeds = stack.enter_context(open_feeds(m, calib, config, timer, replay=replay, holdout=holdout))
         given = stack.enter_context(FeedSource(validation, m.specs)) if validation is not None else None
         layer_outputs = _layer_outputs(m.selection, m.index)
         with timer("calibrate"):
@@ -115,8 +113,8 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
             fidelity = measure(session, emitted.quantized_names, plan, feeds=feeds.take(len(stats.references)),
                                references=stats.references, tensors=measured,
                                outputs=m.index.graph_outputs) if stats.references else None
-        generated = feeds.generated
-    report = build_report(Phases(config, m.index, m.selection, plan, stats, generated, fidelity, summary, ranges,
+        generation = feeds.generation
+    report = build_report(Phases(config, m.index, m.selection, plan, stats, generation, fidelity, summary, ranges,
                                  outcome, validation_note, timer.times, tuple(m.normalized.notes), mixed))
     if outcome is not None and not outcome.met and config.threshold is not None and config.threshold.strict:
         raise ThresholdError(
@@ -208,7 +206,7 @@ def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan
     if config.mixed:
         with timer("mixed precision"):
             mixed = _mixed(m, config, stats, plan, corrections, evaluator=evaluator,
-                           samples=list(feeds.take(SENSITIVITY_SAMPLES)), generated=feeds.generated)
+                           samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation)
         mixed.outcome.initial_value = calibrated.value
         return mixed.outcome, mixed
     if not ranges and calibrated.met:
@@ -223,10 +221,10 @@ def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan
 
 def _mixed(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan: QuantPlan,
            corrections: Mapping[str, np.ndarray], *, evaluator: Evaluator, samples: list[Feed],
-           generated: bool) -> MixedOutcome:
+           generation: tuple[str, ...] | None) -> MixedOutcome:
     """A precision per tied group: the cheapest point of the accuracy/cost curve that meets the threshold."""
     analysed = tuple(p for p in config.precisions if p != FLOAT)
-    report = analyse_plan(m, plan, stats, samples, config=config, precisions=analysed, generated=generated)
+    report = analyse_plan(m, plan, stats, samples, config=config, precisions=analysed, generation=generation)
 
     def build(precisions: Mapping[int, str]) -> tuple[QuantPlan, Emitted]:
         candidate = plan_with_precisions(m, plan, stats, config, precisions, corrections=corrections)

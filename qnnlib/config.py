@@ -70,6 +70,9 @@ class QuantConfig:
     * ``fold_batchnorm``: fold BatchNormalization into the preceding Conv.
     * ``verify_fusion``: check in onnxruntime's optimised graph that integer kernels replaced the layers.
     * ``seed``: seed for generated calibration data.
+    * ``input_ranges``: ``{input_name: (low, high)}``, the value range of an input, used only when
+      calibration data is generated (``calib=None``): for a model that implies nothing about its
+      inputs' scale, such as one reading raw 0-255 pixels without a normalisation or BatchNormalization.
     * ``threshold``: a :class:`~qnnlib.threshold.Threshold` the quantised model must meet on validation
       data; layers that hurt most are raised to 16-bit, then float, until it is (see docs/threshold.md).
     * ``optimize``: search each group's range by the error at the layers that read it, and weight
@@ -98,6 +101,7 @@ class QuantConfig:
     fold_batchnorm: bool = True
     verify_fusion: bool = True
     seed: int = 0
+    input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     threshold: Threshold | None = None
     optimize: bool | None = None
     objective: str = "mse"
@@ -111,6 +115,7 @@ class QuantConfig:
         for name in ("exclude", "exclude_op_types"):
             object.__setattr__(self, name, _names(name, getattr(self, name)))
         object.__setattr__(self, "overrides", _overrides(self.overrides))
+        object.__setattr__(self, "input_ranges", _input_ranges(self.input_ranges))
         if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
             raise ConfigError(f"max_calibration_samples must be >= 1 or None, got {self.max_calibration_samples}")
         if self.report_samples < 0:
@@ -178,6 +183,7 @@ class QuantConfig:
             "optimize": self.optimizing,
             "objective": self.objective,
             "precisions": list(self.precisions),
+            "input_ranges": {k: list(v) for k, v in self.input_ranges.items()},
             "cost": self.cost if isinstance(self.cost, str) else getattr(self.cost, "__name__", "callable"),
         }
 
@@ -211,3 +217,19 @@ def _overrides(value: object) -> Mapping[str, TensorOverride]:
         if not isinstance(item, TensorOverride):
             raise ConfigError(f"overrides[{key!r}] must be a TensorOverride, got {type(item).__name__}")
     return types.MappingProxyType(dict(value))
+
+
+def _input_ranges(value: object) -> Mapping[str, tuple[float, float]]:
+    """A read-only ``{name: (low, high)}`` with finite ``low < high``; ConfigError otherwise."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"input_ranges must map input names to (low, high), got {type(value).__name__}")
+    ranges = {}
+    for key, pair in value.items():
+        try:
+            low, high = (float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ConfigError(f"input_ranges[{key!r}] must be a pair (low, high) of numbers, got {pair!r}") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ConfigError(f"input_ranges[{key!r}] must have finite low < high, got ({low}, {high})")
+        ranges[str(key)] = (low, high)
+    return types.MappingProxyType(ranges)

@@ -7,10 +7,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import onnx
 
-from qnnlib.calibration.feeds import InputSpec, input_specs
+from qnnlib.calibration.feeds import GENERATED_SAMPLES, FeedSource, InputSpec, input_specs
+from qnnlib.calibration.generate import generate_inputs
 from qnnlib.config import QuantConfig
 from qnnlib.errors import ConfigError
 from qnnlib.graph.index import GraphIndex
@@ -67,6 +70,23 @@ def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedMode
         check_overrides(index, selection, config)
         groups = tie_groups(selection.activations, selection.ties)
     return PreparedModel(specs, normalized, index, selection, groups)
+
+
+def open_feeds(m: PreparedModel, calib: Any, config: QuantConfig, timer: Timer, *, replay: int | None = None,
+               holdout: int = 0) -> FeedSource:
+    """The calibration feeds: ``calib`` validated, or for None inputs generated from what the model implies.
+
+    Generated inputs are fitted to the model's BatchNormalization statistics where it has any
+    (:mod:`qnnlib.calibration.generate`); the FeedSource's ``generation`` says how they were drawn.
+    """
+    if calib is not None:
+        return FeedSource(calib, m.specs, max_samples=config.max_calibration_samples, replay=replay,
+                          holdout=holdout)
+    with timer("generate"):
+        generated = generate_inputs(m.float_model, m.specs, GENERATED_SAMPLES, np.random.default_rng(config.seed),
+                                    batchnorm=m.normalized.batchnorm, ranges=config.input_ranges)
+    return FeedSource(generated.feeds, m.specs, max_samples=config.max_calibration_samples, replay=replay,
+                      holdout=holdout, generation=generated.notes)
 
 
 def excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:

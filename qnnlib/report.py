@@ -68,6 +68,8 @@ class CalibrationReport:
     samples: int
     generated: bool
     nonfinite_tensors: dict[str, int] = field(default_factory=dict)
+    #: For generated data: per input, the distribution it was drawn from, and the fit to the model's statistics.
+    generation: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -252,8 +254,9 @@ class Report:
         """A readable summary: outputs, worst layers, the layer table, groups and timings."""
         lines = [f"qnnlib {self.qnnlib_version}: {len(self.quantized_layers)} of {len(self.layers)} nodes quantised"]
         cal = self.calibration
-        source = "GENERATED from the input specification (no data given)" if cal.generated else "given by the user"
+        source = "GENERATED from what the model implies (no data given)" if cal.generated else "given by the user"
         lines.append(f"calibration: {cal.method}, {cal.samples} samples, {source}")
+        lines += [f"  generated {line}" for line in cal.generation]
         for out in self.outputs:
             lines.append(f"output {out.name!r}: SQNR {_db(out.sqnr_db)}, cosine {out.cosine:.5f}, "
                          f"max |error| {out.max_abs_error:.4g} (on {self.evaluation_samples} samples)")

@@ -42,7 +42,7 @@ class Phases:
     selection: Selection
     plan: QuantPlan
     stats: CalibrationStats
-    generated: bool
+    generation: tuple[str, ...] | None  # how generated inputs were drawn; None for the user's data
     fidelity: Fidelity | None
     fusion: FusionSummary | None
     ranges: Mapping[int, RangeChoice]
@@ -59,8 +59,8 @@ def build_report(p: Phases) -> Report:
     notes = list(p.notes)
     notes += [f"bias {w.tensor!r} of {w.node!r}: {w.clamped} values overflowed int32 and were clamped"
               for w in p.plan.weights if w.clamped]
-    if p.generated:
-        notes.append("calibration data was GENERATED from the input specification: pass real data for "
+    if p.generation is not None:
+        notes.append("calibration data was GENERATED from what the model implies: pass real data for "
                      "representative ranges")
     if fusion is not None and not fusion.complete:
         notes.append(f"onnxruntime left float compute ops: {fusion.float_compute_left}")
@@ -68,7 +68,8 @@ def build_report(p: Phases) -> Report:
     return Report(
         qnnlib_version=__version__,
         config=p.config.summary(),
-        calibration=CalibrationReport(p.config.calibration.name, p.stats.samples, p.generated, dict(p.stats.nonfinite)),
+        calibration=CalibrationReport(p.config.calibration.name, p.stats.samples, p.generation is not None,
+                                      dict(p.stats.nonfinite), p.generation or ()),
         layers=_layers(p),
         groups=tuple(GroupReport(g.id, g.members, g.tied_by, g.params.scale, g.params.zero_point, g.params.range,
                                  len(g.members) - 1) for g in p.plan.groups),

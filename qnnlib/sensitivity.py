@@ -45,7 +45,7 @@ import onnx
 
 from qnnlib.assign import WEIGHT_BITS, Assignment, assign_milp, weight_bytes
 from qnnlib.calibration.collect import CalibrationStats, collect
-from qnnlib.calibration.feeds import Feed, FeedSource
+from qnnlib.calibration.feeds import Feed
 from qnnlib.config import QuantConfig
 from qnnlib.emit.simulation import Simulation, WeightKey, build_simulation
 from qnnlib.errors import ConfigError
@@ -58,7 +58,7 @@ from qnnlib.optimize.error import output_error, region_outputs
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import build_plan
 from qnnlib.precision import BITS, fake_quantize_weight, group_params, owned_weights, weight_scales_at
-from qnnlib.prepare import PreparedModel, Timer, prepare
+from qnnlib.prepare import PreparedModel, Timer, open_feeds, prepare
 from qnnlib.progress import Progress
 from qnnlib.threshold import LOWER_IS_BETTER, output_metric
 
@@ -112,6 +112,8 @@ class SensitivityReport:
     float_pass_seconds: float
     method: str = "measure"
     timings: dict[str, float] = field(default_factory=dict)
+    #: For generated data: how each input was drawn (:mod:`qnnlib.calibration.generate`).
+    generation: tuple[str, ...] = ()
 
     @property
     def float_passes(self) -> float:
@@ -167,6 +169,7 @@ class SensitivityReport:
         data = "generated inputs" if self.generated else "calibration samples"
         lines = [f"sensitivity ({self.metric}) on {self.samples} {data}; {self.seconds:.1f}s = "
                  f"{self.float_passes:.1f} float passes",
+                 *[f"  generated {line}" for line in self.generation],
                  "all lowered: " + ", ".join(f"{p} {self.all_lowered[p]:.4g}" for p in self.precisions)]
         rows = self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -249,21 +252,21 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
     start = time.perf_counter()
     timer = Timer()
     m = prepare(model, config, timer)
-    with FeedSource(calib, m.specs, max_samples=config.max_calibration_samples, replay=samples,
-                    rng=np.random.default_rng(config.seed)) as feeds, timer("calibrate"):
+    with open_feeds(m, calib, config, timer, replay=samples) as feeds, timer("calibrate"):
         stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
                         levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
                         low_bit_levels=LOW_BIT_LEVELS)
         plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         chosen = list(feeds.take(samples))
-        generated = feeds.generated
+        generation = feeds.generation
     return analyse_plan(m, plan, stats, chosen, config=config, precisions=precisions, method=method,
-                        progress=progress, generated=generated, timer=timer, start=start)
+                        progress=progress, generation=generation, timer=timer, start=start)
 
 
 def analyse_plan(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed], *,
                  config: QuantConfig, precisions: Sequence[str], method: str = "estimate",
-                 progress: bool | None = None, generated: bool = False, timer: Timer | None = None,
+                 progress: bool | None = None, generation: tuple[str, ...] | None = None,
+                 timer: Timer | None = None,
                  start: float | None = None) -> SensitivityReport:
     """The analysis of an already calibrated ``plan`` (``stats`` with its low-bit ranges) on ``samples``.
 
@@ -292,8 +295,8 @@ def analyse_plan(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, sam
     unowned = tuple(dict.fromkeys(wp.node for wp in plan.weights if wp.kind == "weight" and wp.node not in owned_nodes))
     return SensitivityReport(metric, higher, tuple(precisions), groups,
                              {p: v[0] for p, v in all_lowered.items()}, {p: v[1] for p, v in all_lowered.items()},
-                             len(samples), generated, unowned, time.perf_counter() - start, float_pass, method,
-                             dict(timer.times))
+                             len(samples), generation is not None, unowned, time.perf_counter() - start, float_pass,
+                             method, dict(timer.times), generation or ())
 
 
 def _analyse(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,

@@ -29,7 +29,7 @@ def planned() -> tuple[PreparedModel, QuantPlan, CalibrationStats, list[dict[str
     model = builders.conv_net()
     calib = builders.calibration(model, 8)
     m = prepare(model, CONFIG, Timer())
-    with FeedSource(calib, m.specs, rng=np.random.default_rng(0)) as feeds:
+    with FeedSource(calib, m.specs) as feeds:
         stats = collect(m.float_model, m.selection.observed(m.index), feeds, CONFIG.calibration, levels=256,
                         symmetric=False, low_bit_levels=16)
     return m, build_plan(m.index, m.selection, m.groups, stats.ranges, CONFIG), stats, calib

@@ -180,25 +180,28 @@ class FeedSource:
     """
 
     def __init__(self, calib: Any, specs: Sequence[InputSpec], *, max_samples: int | None = None,
-                 replay: int | None = None, holdout: int = 0, rng: np.random.Generator | None = None) -> None:
+                 replay: int | None = None, holdout: int = 0, generation: Sequence[str] | None = None) -> None:
         self.specs = tuple(specs)
         self.max_samples = max_samples
         self.replay = replay
         self.holdout = holdout
-        self.generated = calib is None
+        #: How generated feeds were drawn (:mod:`qnnlib.calibration.generate`); None for the user's data.
+        self.generation = tuple(generation) if generation is not None else None
         self._spool: Path | None = None
         self._spooled: list[Path] = []
         self._held_spooled: list[Path] = []
         if calib is None:
-            rng = rng if rng is not None else np.random.default_rng(0)
-            self._items: Sequence[Any] | None = generate_feeds(self.specs, GENERATED_SAMPLES, rng)
-            self._one_shot: Iterator[Any] | None = None
-        else:
-            raw, reusable = _raw_feeds(calib, self.specs)
-            self._items = list(raw) if reusable else None
-            self._one_shot = None if reusable else iter(raw)
+            raise ValueError("FeedSource reads given data; qnnlib.prepare.open_feeds generates it for calib=None")
+        raw, reusable = _raw_feeds(calib, self.specs)
+        self._items: Sequence[Any] | None = list(raw) if reusable else None
+        self._one_shot: Iterator[Any] | None = None if reusable else iter(raw)
         self.num_samples: int | None = None
         self.num_held_out = 0
+
+    @property
+    def generated(self) -> bool:
+        """Whether the feeds were generated rather than given."""
+        return self.generation is not None
 
     def _held(self, index: int) -> bool:
         return self.holdout > 0 and index % self.holdout == self.holdout - 1
@@ -309,30 +312,3 @@ class FeedSource:
 
 _EMPTY = ("the calibration data yielded no sample; pass at least one feed, or calib=None to let qnnlib "
           "generate inputs")
-
-
-def generate_feeds(specs: Sequence[InputSpec], count: int, rng: np.random.Generator) -> list[Feed]:
-    """Random feeds within the declared shapes and dtypes.
-
-    Dynamic dims become 1 for the first (batch) axis and :data:`GENERATED_DIM` elsewhere; floats are
-    standard normal, integers uniform in ``[0, 16)``, booleans fair coin flips.
-    """
-    feeds = []
-    for _ in range(count):
-        feed: Feed = {}
-        for spec in specs:
-            dims = spec.shape if spec.shape is not None else (1,)
-            shape = tuple(d if isinstance(d, int) and d > 0 else (1 if i == 0 else GENERATED_DIM)
-                          for i, d in enumerate(dims))
-            if spec.dtype.kind == "f":
-                feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-            elif spec.dtype.kind in "iu":
-                feed[spec.name] = rng.integers(0, 16, shape).astype(spec.dtype)
-            elif spec.dtype.kind == "b":
-                feed[spec.name] = rng.integers(0, 2, shape).astype(bool)
-            else:
-                raise CalibrationDataError(
-                    f"cannot generate data for input {spec.name!r} of dtype {spec.dtype}; pass calibration data"
-                )
-        feeds.append(feed)
-    return feeds

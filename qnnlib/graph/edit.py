@@ -51,3 +51,12 @@ def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelPr
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
     return probe
+
+
+def only_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs are ``tensors`` alone, so that onnxruntime prunes the rest."""
+    probe = with_outputs(model, tensors)
+    keep = [o for o in probe.graph.output if o.name in set(tensors)]
+    del probe.graph.output[:]
+    probe.graph.output.extend(keep)
+    return probe

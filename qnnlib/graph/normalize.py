@@ -14,7 +14,8 @@ They run in :func:`normalize` in this order:
    (shape inference runs here, so that the next pass knows static shapes)
 6b. ``fold_constants``: nodes whose inputs are all constants, and Shape of statically shaped
    tensors, become initializers (evaluated with onnx's reference evaluator).
-7. ``fold_batchnorm``: BatchNormalization after a Conv is folded into the Conv's weight and bias.
+7. ``fold_batchnorm``: (after reading every BatchNormalization's statistics for generated data)
+   BatchNormalization after a Conv is folded into the Conv's weight and bias.
 8. ``fold_conv_add``: a constant per-channel Add after a Conv (CNTK's bias) joins the Conv's bias.
 9. ``matmul_add_to_gemm``: a 2-D MatMul with constant weights followed by a constant bias Add
    becomes a Gemm, whose bias is quantised to int32 (onnxruntime would otherwise fuse the pair
@@ -30,7 +31,7 @@ import onnx
 from onnx.defs import onnx_opset_version
 
 from qnnlib.errors import UnsupportedModelError
-from qnnlib.graph.passes.batchnorm import fold_batchnorm
+from qnnlib.graph.passes.batchnorm import ChannelStatistics, batchnorm_statistics, fold_batchnorm
 from qnnlib.graph.passes.bias_fusion import fold_conv_add, matmul_add_to_gemm
 from qnnlib.graph.passes.constants import constants_to_initializers, fold_constants
 from qnnlib.graph.passes.float16 import float16_to_float32
@@ -52,6 +53,8 @@ class NormalizedModel:
     original_opset: int = 0
     per_channel_ok: bool = True
     float16_interface: bool = False
+    #: What BatchNormalization outputs should look like on training data (read before folding).
+    batchnorm: tuple[ChannelStatistics, ...] = ()
 
 
 def normalize(model: onnx.ModelProto, *, fold_batchnorm_nodes: bool = True) -> NormalizedModel:
@@ -78,6 +81,7 @@ def normalize(model: onnx.ModelProto, *, fold_batchnorm_nodes: bool = True) -> N
     if fold_constants(model):
         notes.append("folded constant subgraphs into initializers")
         notes += infer_types(model)
+    result.batchnorm = batchnorm_statistics(model)
     if fold_batchnorm_nodes:
         notes += fold_batchnorm(model)
         notes += infer_types(model)

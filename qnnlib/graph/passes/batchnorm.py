@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,6 +14,40 @@ from qnnlib.graph.index import GraphIndex, attribute
 from qnnlib.graph.names import NameAllocator
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """Per-channel mean and standard deviation that a tensor should have on the data a model was trained on.
+
+    Read from a BatchNormalization node ``node``: its output ``tensor`` on its training data has mean
+    ``beta`` and standard deviation ``|gamma| * sqrt(var / (var + eps))`` in every channel (axis 1).
+    """
+
+    tensor: str
+    node: str
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def batchnorm_statistics(model: onnx.ModelProto) -> tuple[ChannelStatistics, ...]:
+    """The expected output statistics of every inference-mode BatchNormalization with constant parameters.
+
+    Read before :func:`fold_batchnorm` removes the nodes (the folded Conv writes the same tensor), so
+    that generated calibration data can be shaped to match them (ZeroQ's idea).
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        if attribute(node, "training_mode", 0) or not all(n in inits for n in node.input[1:5]):
+            continue
+        gamma, beta, _, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
+        eps = float(attribute(node, "epsilon", 1e-5))
+        std = np.abs(gamma) * np.sqrt(np.maximum(var, 0.0) / (np.maximum(var, 0.0) + eps))
+        found.append(ChannelStatistics(node.output[0], node.name, beta, std))
+    return tuple(found)
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
