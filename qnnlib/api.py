@@ -22,7 +22,7 @@ from qnnlib.graph.select import Selection
 from qnnlib.mixed import plan_with_precisions
 from qnnlib.numerics.qtypes import FLOAT, WIDER, qtype
 from qnnlib.optimize.bias import bias_corrections
-from qnnlib.optimize.mixed_search import MixedOutcome, search_mixed
+from qnnlib.optimize.mixed_search import MixedOutcome, choose_within, search_mixed
 from qnnlib.optimize.raising import (
     HARM_SAMPLES,
     Evaluator,
@@ -102,6 +102,11 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
             if searched is not outcome:
                 plan, emitted = searched.plan, searched.emitted
             outcome = searched
+        elif config.mixed:  # a point by cost, no threshold
+            with timer("mixed precision"):
+                mixed = _mixed(m, config, stats, plan, corrections, evaluator=None,
+                               samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation)
+            plan, emitted = mixed.outcome.plan, mixed.outcome.emitted
         with timer("verify"):
             check_model(emitted.model)
             # 4-bit tensors cannot be fetched into numpy (onnxruntime has no numpy type for them)
@@ -220,9 +225,13 @@ def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan
 
 
 def _mixed(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan: QuantPlan,
-           corrections: Mapping[str, np.ndarray], *, evaluator: Evaluator, samples: list[Feed],
+           corrections: Mapping[str, np.ndarray], *, evaluator: Evaluator | None, samples: list[Feed],
            generation: tuple[str, ...] | None) -> MixedOutcome:
-    """A precision per tied group: the cheapest point of the accuracy/cost curve that meets the threshold."""
+    """A precision per tied group, from the accuracy/cost curve.
+
+    The cheapest point that meets the threshold within the cost limits, or without a threshold
+    (``evaluator`` None) the most accurate point within them.
+    """
     analysed = tuple(p for p in config.precisions if p != FLOAT)
     report = analyse_plan(m, plan, stats, samples, config=config, precisions=analysed, generation=generation)
 
@@ -230,7 +239,11 @@ def _mixed(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan:
         candidate = plan_with_precisions(m, plan, stats, config, precisions, corrections=corrections)
         return candidate, emit_qdq(m.float_model, candidate)
 
-    return search_mixed(evaluator, report, config.precisions, config.cost, build)
+    if evaluator is None:
+        return choose_within(report, config.precisions, config.cost, build, max_cost=config.max_cost,
+                             max_above_int8=config.max_above_int8)
+    return search_mixed(evaluator, report, config.precisions, config.cost, build, max_cost=config.max_cost,
+                        max_above_int8=config.max_above_int8)
 
 
 def _layer_outputs(selection: Selection, index: GraphIndex) -> list[str]:

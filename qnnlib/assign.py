@@ -16,7 +16,11 @@ cost as ``sum_g c_g(p_g)``: by default the bytes of the group's owned weights at
   ``scipy.optimize.milp``, binaries ``x[g, p]``:
 
       minimise sum c_g(p) x[g, p]   subject to   sum_p x[g, p] = 1 for each g,
-                                                 sum e_g(p) x[g, p] <= budget.
+                                                 sum e_g(p) x[g, p] <= budget,
+                                                 sum a_g(p) x[g, p] <= bound for each Limit.
+
+:func:`most_accurate` solves the converse, a point by cost: the least estimated error within the
+limits (at most a cost, at most a share of layers above int8).
 
 The estimate is only an estimate (errors of different groups partly cancel or compound); a
 choice is to be checked with a real run.
@@ -42,6 +46,19 @@ class Assignment:
     precisions: dict[int, str]
     estimate: float
     cost: float
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A linear limit on a choice: ``sum_g coefficients[g][p_g] <= bound``; ``name`` for messages."""
+
+    coefficients: Table
+    bound: float
+    name: str
+
+    def holds(self, choice: Mapping[int, str]) -> bool:
+        """Whether ``choice`` keeps within the limit."""
+        return sum(self.coefficients[g][p] for g, p in choice.items()) <= self.bound * (1 + 1e-9) + 1e-12
 
 
 def weight_bytes(weights: int, precision: str) -> float:
@@ -77,19 +94,37 @@ def assign_greedy(errors: Table, costs: Table, budget: float) -> Assignment | No
     return current
 
 
-def assign_milp(errors: Table, costs: Table, budget: float) -> Assignment | None:
-    """The least-cost choice whose estimate fits ``budget`` (see the module docstring), or None if none does."""
+def assign_milp(errors: Table, costs: Table, budget: float, limits: Sequence[Limit] = ()) -> Assignment | None:
+    """The least-cost choice whose estimate fits ``budget`` within ``limits``, or None if none does."""
+    e = _row(errors, errors)
+    return _solve(errors, costs, _row(errors, costs), [(e, budget)] + [(_row(errors, lim.coefficients), lim.bound)
+                                                                        for lim in limits])
+
+
+def most_accurate(errors: Table, costs: Table, limits: Sequence[Limit]) -> Assignment | None:
+    """The least estimated error within ``limits`` (cost breaks ties), or None if no choice keeps within them."""
+    e, c = _row(errors, errors), _row(errors, costs)
+    tie = 1e-9 * max(float(np.abs(e).max(initial=0.0)), 1e-30) / max(float(np.abs(c).max(initial=0.0)), 1e-30)
+    return _solve(errors, costs, e + tie * c, [(_row(errors, lim.coefficients), lim.bound) for lim in limits])
+
+
+def _row(errors: Table, table: Table) -> np.ndarray:
+    """``table`` laid out along the binaries ``x[g, p]`` (groups and precisions in the order of ``errors``)."""
+    return np.array([table[g][p] for g in errors for p in errors[g]], np.float64)
+
+
+def _solve(errors: Table, costs: Table, objective: np.ndarray,
+           rows: Sequence[tuple[np.ndarray, float]]) -> Assignment | None:
+    """Minimise ``objective . x`` with one precision per group and ``row . x <= bound`` for each row."""
     from scipy.optimize import Bounds, LinearConstraint, milp  # imported here: scipy costs 0.4 s to import
 
     keys = [(g, p) for g in errors for p in errors[g]]
     if not keys:
         return Assignment({}, 0.0, 0.0)
-    groups = list(errors)
-    c = np.array([costs[g][p] for g, p in keys], np.float64)
-    e = np.array([errors[g][p] for g, p in keys], np.float64)
-    one = np.array([[1.0 if g == h else 0.0 for h, _ in keys] for g in groups])
-    constraints = [LinearConstraint(one, 1.0, 1.0), LinearConstraint(e[None, :], -np.inf, budget)]
-    result = milp(c, constraints=constraints, integrality=np.ones(len(keys)), bounds=Bounds(0.0, 1.0))
+    one = np.array([[1.0 if g == h else 0.0 for h, _ in keys] for g in errors])
+    constraints = [LinearConstraint(one, 1.0, 1.0)]
+    constraints += [LinearConstraint(row[None, :], -np.inf, bound) for row, bound in rows]
+    result = milp(objective, constraints=constraints, integrality=np.ones(len(keys)), bounds=Bounds(0.0, 1.0))
     if result.x is None:
         return None
     choice = {g: p for (g, p), x in zip(keys, result.x, strict=True) if x > 0.5}

@@ -21,7 +21,7 @@ OBJECTIVES = ("mse", "cosine")
 #: Precisions a layer can take (int8 first: every model starts there).
 PRECISIONS = ("int8", "int4", "int16", "float")
 #: Costs a mixed-precision search can minimise by name (a callable is also accepted).
-COSTS = ("bytes",)
+COSTS = ("bytes", "bitops")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +83,12 @@ class QuantConfig:
       ``"float"``. Without ``"int4"`` a threshold raises the groups that hurt most (docs/threshold.md);
       with it each tied group gets the precision that meets the threshold at the least ``cost``
       (mixed precision, docs/sensitivity.md), which needs a threshold.
-    * ``cost``: what mixed precision minimises: ``"bytes"`` (weight bytes, default) or a callable
+    * ``cost``: what mixed precision minimises: ``"bytes"`` (weight bytes, default), ``"bitops"``
+      (multiply-accumulates times weight bits times activation bits) or a callable
       ``cost(group, precision) -> float`` over :class:`~qnnlib.sensitivity.GroupSensitivity` entries.
+    * ``max_cost``, ``max_above_int8``: a point by cost for mixed precision: at most this ``cost``, at
+      most this share (0-1) of the weighted layers at int16 or float. With a threshold, the cheapest
+      point meeting it within the limits; without one, the least estimated error within them.
     """
 
     activation_type: str = "uint8"
@@ -108,6 +112,8 @@ class QuantConfig:
     optimize_samples: int = 4
     precisions: tuple[str, ...] = ("int8", "int16", "float")
     cost: str | Callable[..., float] = "bytes"
+    max_cost: float | None = None
+    max_above_int8: float | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -133,9 +139,18 @@ class QuantConfig:
         object.__setattr__(self, "precisions", precisions)
         if not callable(self.cost) and self.cost not in COSTS:
             raise ConfigError(f"cost must be one of {COSTS} or a callable cost(group, precision), got {self.cost!r}")
-        if self.mixed and self.threshold is None:
-            raise ConfigError("precisions with 'int4' choose a precision per group under a threshold; give "
-                              "QuantConfig(threshold=qnnlib.Threshold(...)), or leave 'int4' out")
+        if self.max_cost is not None and not (math.isfinite(self.max_cost) and self.max_cost > 0):
+            raise ConfigError(f"max_cost must be a positive number, got {self.max_cost!r}")
+        if self.max_above_int8 is not None and not 0.0 <= self.max_above_int8 <= 1.0:
+            raise ConfigError(f"max_above_int8 is a share of the layers, from 0 to 1; got {self.max_above_int8!r}")
+        limited = self.max_cost is not None or self.max_above_int8 is not None
+        if limited and not self.mixed:
+            raise ConfigError("max_cost and max_above_int8 choose a mixed-precision point; add 'int4' to "
+                              "precisions, e.g. precisions=('int4', 'int8', 'int16', 'float')")
+        if self.mixed and self.threshold is None and not limited:
+            raise ConfigError("precisions with 'int4' choose a precision per group under a threshold or a cost "
+                              "limit; give QuantConfig(threshold=qnnlib.Threshold(...)) or max_cost / "
+                              "max_above_int8, or leave 'int4' out")
 
     @property
     def mixed(self) -> bool:
@@ -184,6 +199,8 @@ class QuantConfig:
             "objective": self.objective,
             "precisions": list(self.precisions),
             "input_ranges": {k: list(v) for k, v in self.input_ranges.items()},
+            "max_cost": self.max_cost,
+            "max_above_int8": self.max_above_int8,
             "cost": self.cost if isinstance(self.cost, str) else getattr(self.cost, "__name__", "callable"),
         }
 

@@ -87,6 +87,10 @@ class GroupSensitivity:
     all_but: dict[str, float]
     only_error: dict[str, float]
     all_but_error: dict[str, float]
+    #: Multiply-accumulates of the layers whose weights the group owns, per sample (dynamic dims as 1).
+    macs: int = 0
+    #: Weighted layers writing one of the members: they leave int8 too when the group does.
+    writers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,14 +139,19 @@ class SensitivityReport:
         """Per group, the output error with only it at each precision (float: 0), for :mod:`qnnlib.assign`."""
         return {g.group: {**g.only_error, "float": 0.0} for g in self.groups}
 
-    def cost_table(self) -> dict[int, dict[str, float]]:
-        """Per group, its owned weights' bytes at each precision (float: 4 bytes each), for :mod:`qnnlib.assign`.
+    def cost_table(self, cost: str = "bytes") -> dict[int, dict[str, float]]:
+        """Per group and precision, the cost that :mod:`qnnlib.assign` minimises.
 
-        Each precision also costs ``TIE_BREAK * bits``, so that among equal weight bytes (a group
-        without weights) the narrower activations win.
+        ``"bytes"``: its owned weights' bytes (float 4 bytes each); ``"bitops"``: its bit-operations
+        ``macs * bits^2`` (weights and activations at the group's precision, float as 32 bits).
+        Each precision also costs ``TIE_BREAK * bits``, so that among equal costs (a group without
+        weights) the narrower activations win.
         """
-        return {g.group: {p: weight_bytes(g.weights, p) + TIE_BREAK * WEIGHT_BITS[p]
-                          for p in (*self.precisions, "float")} for g in self.groups}
+        def of(g: GroupSensitivity, p: str) -> float:
+            base = weight_bytes(g.weights, p) if cost == "bytes" else float(g.macs) * WEIGHT_BITS[p] ** 2
+            return base + TIE_BREAK * WEIGHT_BITS[p]
+
+        return {g.group: {p: of(g, p) for p in (*self.precisions, "float")} for g in self.groups}
 
     def assign(self, max_error: float) -> Assignment | None:
         """The least weight bytes whose additive error estimate is at most ``max_error`` (None: none is)."""
@@ -283,12 +292,17 @@ def analyse_plan(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, sam
         metric, higher, results, float_pass = _analyse(m.float_model, configs, gids, samples, config=config,
                                                        precisions=precisions, method=method, progress=progress)
     only, all_but, all_lowered = results
+    weighted = {wp.node for wp in plan.weights if wp.kind == "weight"}
     groups = tuple(
         GroupSensitivity(gid, plan.groups[gid].members[0], plan.groups[gid].members,
                          tuple(dict.fromkeys(wp.node for wp in configs.owned.get(gid, ()))),
                          sum(int(np.prod(configs.weight_shape(wp.tensor))) for wp in configs.owned.get(gid, ())),
                          {p: v[0] for p, v in only[gid].items()}, {p: v[0] for p, v in all_but[gid].items()},
-                         {p: v[1] for p, v in only[gid].items()}, {p: v[1] for p, v in all_but[gid].items()})
+                         {p: v[1] for p, v in only[gid].items()}, {p: v[1] for p, v in all_but[gid].items()},
+                         sum(layer_macs(m.index, wp.node, configs.weight_shape(wp.tensor))
+                             for wp in configs.owned.get(gid, ())),
+                         tuple(sorted(n for n in weighted
+                                      if set(m.index.node(n).output) & set(plan.groups[gid].members))))
         for gid in gids
     )
     owned_nodes = {wp.node for ws in configs.owned.values() for wp in ws}
@@ -517,3 +531,19 @@ def _scorer(measured: onnx.ModelProto, sim: Simulation, samples: list[Feed], con
                              graph_reference, got)
 
     return _Scorer(metric, session, samples, reference, outputs, points, float_pass)
+
+
+def layer_macs(index: GraphIndex, node_name: str, weight_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one weighted layer per sample: its weights times the output positions.
+
+    Conv: ``weights * prod(output spatial dims)``; MatMul and Gemm: ``weights * prod(output dims but
+    the last) / batch``; dynamic dims count as 1, and an unknown output shape as one position.
+    """
+    node = index.node(node_name)
+    weights = int(np.prod(weight_shape))
+    shape = index.shape(node.output[0]) if node.output else None
+    if not shape:
+        return weights
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    positions = int(np.prod(dims[2:])) if node.op_type == "Conv" else int(np.prod(dims[1:-1]))
+    return weights * max(positions, 1)

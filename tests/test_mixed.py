@@ -14,7 +14,7 @@ from qnnlib.config import QuantConfig
 from qnnlib.emit.qdq import emit_qdq
 from qnnlib.graph.model_io import make_session
 from qnnlib.mixed import plan_with_precisions
-from qnnlib.plan import QuantPlan
+from qnnlib.plan import LayerPlan, QuantPlan
 from qnnlib.planner import build_plan
 from qnnlib.prepare import PreparedModel, Timer, prepare
 from qnnlib.threshold import output_metric
@@ -126,11 +126,80 @@ def test_a_loose_threshold_takes_int4_and_a_smaller_model() -> None:
     assert len(result.model.SerializeToString()) < len(int8.model.SerializeToString())
 
 
-def test_int4_needs_a_threshold() -> None:
-    with pytest.raises(qnnlib.ConfigError, match=r"under a threshold"):
+def test_int4_needs_a_threshold_or_a_cost_limit() -> None:
+    with pytest.raises(qnnlib.ConfigError, match=r"under a threshold or a cost limit"):
         QuantConfig(precisions=MIXED)
     with pytest.raises(qnnlib.ConfigError, match="cost must be"):
         QuantConfig(precisions=MIXED, threshold=qnnlib.Threshold(metric="sqnr", min=20.0), cost="flops")
+    with pytest.raises(qnnlib.ConfigError, match="add 'int4' to precisions"):
+        QuantConfig(max_above_int8=0.1)
+    with pytest.raises(qnnlib.ConfigError, match="from 0 to 1"):
+        QuantConfig(precisions=MIXED, max_above_int8=10)
+    with pytest.raises(qnnlib.ConfigError, match="positive"):
+        QuantConfig(precisions=MIXED, max_cost=-1.0)
+
+
+def test_a_point_by_cost_without_a_threshold() -> None:
+    """At most 10% of layers above int8 and at most 60% of the int8 weight bytes: the most accurate such point."""
+    model = builders.conv_net()
+    calib = builders.calibration(model, 16)
+    int8 = qnnlib.quantize(model, calib, config=QuantConfig(precisions=MIXED, max_above_int8=0.0,
+                                                            max_cost=1e12))
+    int8_cost = next(p.cost for p in int8.report.mixed.curve if set(p.counts) == {"int8"})  # type: ignore[union-attr]
+    limit = 0.6 * int8_cost
+    result = qnnlib.quantize(model, calib, config=QuantConfig(precisions=MIXED, max_above_int8=0.1, max_cost=limit))
+    mixed = result.report.mixed
+    assert mixed is not None and result.report.threshold is None
+    chosen = mixed.chosen
+    assert chosen is not None and chosen.value is None and chosen.cost <= limit
+    weighted = _weighted_layers(result.plan)
+    above = [layer for layer in weighted if layer.precision in ("int16", "float")]
+    assert len(above) <= 0.1 * len(weighted)
+    assert any(layer.precision == "int4" for layer in result.plan.layers)
+    # the most accurate within the limits: every curve point is within them, none estimates less
+    assert all(p.cost <= limit for p in mixed.curve)
+    assert chosen.estimate == min(p.estimate for p in mixed.curve)
+    onnx.checker.check_model(result.model)
+    result.session().run(None, calib[0])
+
+
+def test_an_impossible_cost_limit_is_a_config_error() -> None:
+    model = builders.conv_net()
+    with pytest.raises(qnnlib.ConfigError, match=r"no precision choice keeps within max_cost=1"):
+        qnnlib.quantize(model, builders.calibration(model, 8), config=QuantConfig(precisions=MIXED, max_cost=1.0))
+
+
+def test_a_threshold_within_a_cost_limit() -> None:
+    model = builders.conv_net()
+    calib = builders.calibration(model, 16)
+    config = QuantConfig(precisions=MIXED, threshold=qnnlib.Threshold(metric="sqnr", min=25.0), max_above_int8=0.0)
+    result = qnnlib.quantize(model, calib, config=config)
+    assert result.report.mixed is not None and result.report.threshold is not None
+    assert result.report.threshold.met
+    # only weighted layers count: a group without weights (a pooling's input) may still be int16
+    assert not any(layer.precision in ("int16", "float") for layer in _weighted_layers(result.plan))
+
+
+def _weighted_layers(plan: QuantPlan) -> list[LayerPlan]:
+    nodes = {w.node for w in plan.weights if w.kind == "weight"}
+    return [layer for layer in plan.layers if layer.node in nodes]
+
+
+def test_bitops_cost_counts_multiply_accumulates() -> None:
+    """``"bitops"``: each group costs its layers' MACs times bits squared; a conv's MACs are weights x positions."""
+    model = builders.conv_net()
+    calib = builders.calibration(model, 8)
+    report = qnnlib.analyze_sensitivity(model, calib, config=QuantConfig(optimize=False), precisions=("int4", "int8"))
+    first = next(g for g in report.groups if g.tensor == "input")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.input[0] == "input")
+    weights = next(int(np.prod(t.dims)) for t in model.graph.initializer if t.name == conv.input[1])
+    assert first.macs == weights * 16 * 16  # 3x3 "same" convolution on 16x16
+    table = report.cost_table("bitops")[first.group]
+    assert table["int8"] == pytest.approx(first.macs * 64, rel=1e-6)
+    assert table["int4"] == pytest.approx(first.macs * 16, rel=1e-6)
+    config = QuantConfig(precisions=MIXED, threshold=qnnlib.Threshold(metric="sqnr", min=15.0), cost="bitops")
+    result = qnnlib.quantize(model, calib, config=config)
+    assert result.report.mixed is not None and result.report.config["cost"] == "bitops"
 
 
 def test_a_callable_cost_is_minimised() -> None:

@@ -63,6 +63,7 @@ class GraphIndex:
         self._producer: dict[str, onnx.NodeProto] = {}
         self._uses: dict[str, list[Use]] = {}
         self._order = {id(n): i for i, n in enumerate(self.nodes)}
+        self._by_name = {n.name: n for n in self.nodes if n.name}
         for node in self.nodes:
             for name in node.output:
                 if name:
@@ -88,6 +89,10 @@ class GraphIndex:
                 )
 
     # -- edges -------------------------------------------------------------------------------
+    def node(self, name: str) -> onnx.NodeProto:
+        """The node called ``name`` (names are unique after normalisation)."""
+        return self._by_name[name]
+
     def producer(self, tensor: str) -> onnx.NodeProto | None:
         """The node that writes ``tensor``, or None for graph inputs and initializers."""
         return self._producer.get(tensor)

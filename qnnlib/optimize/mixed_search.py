@@ -17,7 +17,13 @@ Used by :func:`qnnlib.quantize` when ``QuantConfig.precisions`` holds ``"int4"``
    kept.
 
 The cost of a point is the model's weight bytes by default (each group's owned weights at its
-precision, float 4 bytes), or ``sum_g cost(group, precision)`` for a callable ``cost``.
+precision, float 4 bytes), its bit-operations (``"bitops"``: ``sum_g macs_g * bits^2``), or
+``sum_g cost(group, precision)`` for a callable ``cost``.
+
+A point by cost: ``max_cost`` and ``max_above_int8`` (a share of the weighted layers at int16 or
+float) limit every point of the curve (constraints of the integer programme). With a threshold the
+search above runs over the limited curve; without one (:func:`choose_within`) the point with the
+least estimated error within the limits is taken.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qnnlib.assign import Assignment, assign_milp
+from qnnlib.assign import Assignment, Limit, assign_milp, most_accurate
 from qnnlib.emit.qdq import Emitted
+from qnnlib.errors import ConfigError
 from qnnlib.optimize.raising import Evaluator, Outcome, Step
 from qnnlib.plan import QuantPlan
 from qnnlib.sensitivity import GroupSensitivity, SensitivityReport
@@ -65,15 +72,15 @@ class CurvePoint:
 class MixedOutcome:
     """The threshold outcome (as for raising) and the whole curve with the chosen point marked."""
 
-    outcome: Outcome
+    outcome: Outcome  # value NaN when chosen by cost alone (no threshold)
     curve: list[CurvePoint] = field(default_factory=list)
     report: SensitivityReport | None = None
 
 
 def cost_table(report: SensitivityReport, allowed: Sequence[str], cost: str | CostFn) -> dict[int, dict[str, float]]:
-    """Each group's cost at each allowed precision: weight bytes (``"bytes"``) or the user's ``cost``."""
-    if cost == "bytes":
-        table = report.cost_table()
+    """Each group's cost at each allowed precision: weight bytes, bit-operations or the user's ``cost``."""
+    if isinstance(cost, str):
+        table = report.cost_table(cost)
         return {g: {p: c for p, c in row.items() if p in allowed} for g, row in table.items()}
     assert callable(cost)
     return {g.group: {p: float(cost(g, p)) for p in allowed} for g in report.groups}
@@ -85,16 +92,48 @@ def error_table(report: SensitivityReport, allowed: Sequence[str]) -> dict[int, 
     return {g: {p: e for p, e in row.items() if p in allowed} for g, row in table.items()}
 
 
-def curve_points(errors: Mapping[int, Mapping[str, float]],
-                 costs: Mapping[int, Mapping[str, float]]) -> list[CurvePoint]:
-    """The curve (see the module docstring): cheapest first, no point beaten on both cost and estimate."""
+def cost_limits(report: SensitivityReport, costs: Mapping[int, Mapping[str, float]], *,
+                max_cost: float | None, max_above_int8: float | None) -> list[Limit]:
+    """The limits a point by cost sets: total cost, and weighted layers at int16 or float."""
+    limits = []
+    if max_cost is not None:
+        limits.append(Limit(costs, max_cost, f"max_cost={max_cost:g}"))
+    if max_above_int8 is not None:
+        # a group above int8 takes the weighted layers reading it (their weights follow it) and writing it
+        # out of int8; a layer between two such groups counts twice, so the limit errs on the safe side
+        layers = {g.group: len(set(g.layers) | set(g.writers)) for g in report.groups}
+        total = len({n for g in report.groups for n in (*g.layers, *g.writers)})
+        above = {g: {p: float(layers[g]) if p in ABOVE_INT8 else 0.0 for p in row} for g, row in costs.items()}
+        allowed = math.floor(max_above_int8 * total + 1e-9)
+        limits.append(Limit(above, allowed, f"max_above_int8={max_above_int8:g} ({allowed} of {total} weighted "
+                                            "layers)"))
+    return limits
+
+
+#: Precisions that count as "above int8" for ``max_above_int8``.
+ABOVE_INT8 = ("int16", "float")
+
+
+def curve_points(errors: Mapping[int, Mapping[str, float]], costs: Mapping[int, Mapping[str, float]],
+                 limits: Sequence[Limit] = ()) -> list[CurvePoint]:
+    """The curve (see the module docstring): cheapest first, no point beaten on both cost and estimate.
+
+    With ``limits`` every point keeps within them and the most accurate such point is on the curve;
+    ConfigError when no choice does.
+    """
     positive = [e for row in errors.values() for e in row.values() if e > 0]
     if not positive:
-        found = [assign_milp(errors, costs, 0.0)]
+        found = [assign_milp(errors, costs, 0.0, limits)]
     else:
         lo, hi = min(positive) / 10, sum(max(row.values()) for row in errors.values())
         budgets = [0.0, *np.geomspace(lo, hi * 1.000001, CURVE_BUDGETS).tolist()]
-        found = [assign_milp(errors, costs, b) for b in budgets]
+        found = [assign_milp(errors, costs, b, limits) for b in budgets]
+    if limits:
+        found.append(most_accurate(errors, costs, limits))
+        if all(a is None for a in found):
+            cheapest = float(sum(min(row.values()) for row in costs.values()))
+            raise ConfigError(f"no precision choice keeps within {', '.join(lim.name for lim in limits)}; the "
+                              f"cheapest costs {cheapest:.6g}: raise the limit or allow cheaper precisions")
     unique: dict[tuple[tuple[int, str], ...], Assignment] = {}
     for a in found:
         if a is not None:
@@ -107,13 +146,32 @@ def curve_points(errors: Mapping[int, Mapping[str, float]],
     return [CurvePoint(a.precisions, a.cost, a.estimate) for a in front]
 
 
+def choose_within(report: SensitivityReport, allowed: Sequence[str], cost: str | CostFn,
+                  build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]], *,
+                  max_cost: float | None, max_above_int8: float | None) -> MixedOutcome:
+    """A point by cost without a threshold: the least estimated error within the limits, unmeasured."""
+    start = time.perf_counter()
+    errors, costs = error_table(report, allowed), cost_table(report, allowed, cost)
+    points = curve_points(errors, costs, cost_limits(report, costs, max_cost=max_cost, max_above_int8=max_above_int8))
+    chosen = points[-1]  # the curve runs from the cheapest to the least estimated error
+    chosen.chosen = True
+    plan, emitted = build(chosen.precisions)
+    outcome = Outcome(plan, emitted, math.nan, True, None, math.nan,
+                      raised={layer.node: layer.precision for layer in plan.layers if layer.precision != "int8"},
+                      raised_groups={g: p for g, p in chosen.precisions.items() if p != "int8"},
+                      seconds=time.perf_counter() - start)
+    return MixedOutcome(outcome, points, report)
+
+
 def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Sequence[str], cost: str | CostFn,
-                 build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]]) -> MixedOutcome:
+                 build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]], *,
+                 max_cost: float | None = None, max_above_int8: float | None = None) -> MixedOutcome:
     """The cheapest curve point meeting the threshold on real runs (see the module docstring)."""
     start = time.perf_counter()
     errors, costs = error_table(report, allowed), cost_table(report, allowed, cost)
-    points = curve_points(errors, costs)
-    base = _with_int8(points, errors, costs)
+    limits = cost_limits(report, costs, max_cost=max_cost, max_above_int8=max_above_int8)
+    points = curve_points(errors, costs, limits)
+    base = _with_int8(points, errors, costs, limits)
     built: dict[int, tuple[QuantPlan, Emitted]] = {}
 
     def measure(i: int) -> bool:
@@ -126,8 +184,12 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
                      point.estimate, point.value, "met" if point.met else "not met")
         return bool(point.met)
 
-    # the all-int8 point splits the curve: when it meets, only cheaper points can do better
-    lo, hi = (0, base) if measure(base) else (base + 1, len(points) - 1)
+    # the all-int8 point (when within the limits) splits the curve: when it meets, only cheaper points can
+    # do better
+    if base is None:
+        lo, hi = 0, len(points) - 1
+    else:
+        lo, hi = (0, base) if measure(base) else (base + 1, len(points) - 1)
     if lo <= hi and measure(hi):
         while lo < hi:  # invariant: hi meets
             mid = (lo + hi) // 2
@@ -157,9 +219,11 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
 
 
 def _with_int8(points: list[CurvePoint], errors: Mapping[int, Mapping[str, float]],
-               costs: Mapping[int, Mapping[str, float]]) -> int:
-    """Put the all-int8 point in ``points`` (in cost order) if it is not there; return its index."""
+               costs: Mapping[int, Mapping[str, float]], limits: Sequence[Limit] = ()) -> int | None:
+    """Put the all-int8 point in ``points`` (in cost order) if it is not there; its index (None: outside limits)."""
     int8 = dict.fromkeys(errors, "int8")
+    if not all(lim.holds(int8) for lim in limits):
+        return None
     for i, p in enumerate(points):
         if p.precisions == int8:
             return i
