@@ -213,8 +213,8 @@ class Report:
 
     @property
     def layers_above_int8(self) -> tuple[LayerReport, ...]:
-        """Quantised-capable layers that run in 16 bits or were raised to float."""
-        return tuple(x for x in self.layers if x.precision == "int16" or x.raised)
+        """Quantised-capable layers that run in 16 bits or were raised (or put by mixed precision) to float."""
+        return tuple(x for x in self.layers if x.precision == "int16" or (x.raised and x.precision == "float"))
 
     @property
     def requantizations_avoided(self) -> int:

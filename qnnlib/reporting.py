@@ -122,9 +122,15 @@ def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
         return ""
     touched = [g for t in (*layer.inputs, *layer.outputs)
                if (g := plan.group_of(t)) is not None and g.id in outcome.raised_groups]
-    group = max(touched, key=lambda g: outcome.harm.get(g.id, 0.0))
+    level = outcome.raised[layer.node]
+    if not outcome.harm:  # mixed precision chose the groups' precisions from the accuracy/cost curve
+        group = next((g for g in touched if outcome.raised_groups[g.id] == level), touched[0])
+    else:
+        group = max(touched, key=lambda g: outcome.harm.get(g.id, 0.0))
     role = "reads" if any(plan.group_of(t) is group for t in layer.inputs) else "writes"
-    return (f"{outcome.raised[layer.node]}: {role} {group.members[0]!r}, raised because raising it alone "
+    if not outcome.harm:
+        return f"{level}: {role} {group.members[0]!r}, put at {outcome.raised_groups[group.id]} by mixed precision"
+    return (f"{level}: {role} {group.members[0]!r}, raised because raising it alone "
             f"removed {100 * outcome.harm.get(group.id, 0.0):.2g}% of the output error")
 
 
@@ -140,6 +146,7 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
     float_reason = dict(selection.float_nodes)
     excluded = set(selection.excluded)
     layer_plans = {layer.node: layer for layer in plan.layers}
+    chosen_by = p.threshold if p.threshold is not None else (p.mixed.outcome if p.mixed is not None else None)
     layers = []
     for node in index.nodes:
         lp = layer_plans.get(node.name)
@@ -150,7 +157,7 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
         out, note = _measured_output(node, lp.outputs, index, plan, after_fold=after_fold, folded_into=folded_into)
         group = plan.group_of(out) if out else None
         search = p.ranges.get(group.id) if group is not None else None
-        why = _why_raised(lp, plan, p.threshold) if p.threshold is not None else ""
+        why = _why_raised(lp, plan, chosen_by) if chosen_by is not None else ""
         layers.append(LayerReport(
             node.name, node.op_type, lp.precision, out,
             group.params.scale if group else None, group.params.zero_point if group else None,

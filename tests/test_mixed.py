@@ -159,6 +159,10 @@ def test_a_point_by_cost_without_a_threshold() -> None:
     # the most accurate within the limits: every curve point is within them, none estimates less
     assert all(p.cost <= limit for p in mixed.curve)
     assert chosen.estimate == min(p.estimate for p in mixed.curve)
+    # the report names every layer the chosen point took above int8, and why
+    above_plan = {layer.node for layer in result.plan.layers if layer.precision in ("int16", "float")}
+    assert {x.node for x in result.report.layers_above_int8} == above_plan
+    assert all(f"put at {x.precision} by mixed precision" in x.raised for x in result.report.layers_above_int8)
     onnx.checker.check_model(result.model)
     result.session().run(None, calib[0])
 
