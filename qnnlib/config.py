@@ -82,7 +82,7 @@ class QuantConfig:
     * ``precisions``: precisions layers may take: ``"int8"`` and any of ``"int4"``, ``"int16"``,
       ``"float"``. Without ``"int4"`` a threshold raises the groups that hurt most (docs/threshold.md);
       with it each tied group gets the precision that meets the threshold at the least ``cost``
-      (mixed precision, docs/sensitivity.md), which needs a threshold.
+      (mixed precision, docs/sensitivity.md), which needs a threshold or a cost limit.
     * ``cost``: what mixed precision minimises: ``"bytes"`` (weight bytes, default), ``"bitops"``
       (multiply-accumulates times weight bits times activation bits) or a callable
       ``cost(group, precision) -> float`` over :class:`~qnnlib.sensitivity.GroupSensitivity` entries.

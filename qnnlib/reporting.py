@@ -123,12 +123,11 @@ def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
     touched = [g for t in (*layer.inputs, *layer.outputs)
                if (g := plan.group_of(t)) is not None and g.id in outcome.raised_groups]
     level = outcome.raised[layer.node]
-    if not outcome.harm:  # mixed precision chose the groups' precisions from the accuracy/cost curve
-        group = next((g for g in touched if outcome.raised_groups[g.id] == level), touched[0])
-    else:
-        group = max(touched, key=lambda g: outcome.harm.get(g.id, 0.0))
+    mixed = not outcome.harm  # mixed precision chose the groups' precisions from the accuracy/cost curve
+    group = (next((g for g in touched if outcome.raised_groups[g.id] == level), touched[0]) if mixed
+             else max(touched, key=lambda g: outcome.harm.get(g.id, 0.0)))
     role = "reads" if any(plan.group_of(t) is group for t in layer.inputs) else "writes"
-    if not outcome.harm:
+    if mixed:
         return f"{level}: {role} {group.members[0]!r}, put at {outcome.raised_groups[group.id]} by mixed precision"
     return (f"{level}: {role} {group.members[0]!r}, raised because raising it alone "
             f"removed {100 * outcome.harm.get(group.id, 0.0):.2g}% of the output error")

@@ -75,8 +75,8 @@ class Prior:
 
     @property
     def spatial(self) -> bool:
-        """Image-like: rank 4 with at most MAX_OWN_CHANNELS channels, drawn with a spectrum."""
-        return self.dtype.kind == "f" and len(self.shape) == 4 and self.shape[1] <= MAX_OWN_CHANNELS
+        """Image-like (:func:`image_like`), drawn with a spectrum."""
+        return self.dtype.kind == "f" and image_like(self.shape)
 
     def describe(self) -> str:
         """One line for the report."""
@@ -129,6 +129,25 @@ def generated_shape(spec: InputSpec) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else (1 if i == 0 else GENERATED_DIM) for i, d in enumerate(dims))
 
 
+def image_like(shape: tuple[int, ...]) -> bool:
+    """Rank 4 with at most MAX_OWN_CHANNELS channels: each channel gets its own mean and scale."""
+    return len(shape) == 4 and shape[1] <= MAX_OWN_CHANNELS
+
+
+def _float_prior(spec: InputSpec, shape: tuple[int, ...], source: str, mean: float | np.ndarray,
+                 std: float | np.ndarray, *, low: float | None = None, high: float | None = None) -> Prior:
+    """A float prior with ``mean`` and ``std`` per channel of an image-like input, one value otherwise.
+
+    Image-like inputs start at a natural-image spectrum (``alpha`` 1) and channel correlation 0.5;
+    others are white.
+    """
+    spatial = image_like(shape)
+    width = shape[1] if spatial else 1
+    return Prior(spec.name, shape, spec.dtype, source, mean=np.broadcast_to(mean, (width,)).astype(np.float64),
+                 std=np.broadcast_to(std, (width,)).astype(np.float64), alpha=1.0 if spatial else 0.0,
+                 rho=0.5 if spatial else 0.0, low=low, high=high)
+
+
 def stated_prior(spec: InputSpec, bounds: tuple[float, float]) -> Prior:
     """The prior for a range the user states: see the module docstring."""
     shape = generated_shape(spec)
@@ -136,11 +155,7 @@ def stated_prior(spec: InputSpec, bounds: tuple[float, float]) -> Prior:
     source = f"stated range [{low:g}, {high:g}]"
     if spec.dtype.kind != "f":
         return Prior(spec.name, shape, spec.dtype, source, low=np.floor(low), high=np.floor(high) + 1)
-    spatial = len(shape) == 4 and shape[1] <= MAX_OWN_CHANNELS
-    width = shape[1] if spatial else 1
-    return Prior(spec.name, shape, spec.dtype, source, mean=np.full(width, (low + high) / 2),
-                 std=np.full(width, (high - low) / 4), alpha=1.0 if spatial else 0.0, rho=0.5 if spatial else 0.0,
-                 low=low, high=high)
+    return _float_prior(spec, shape, source, (low + high) / 2, (high - low) / 4, low=low, high=high)
 
 
 def implied_prior(index: GraphIndex, spec: InputSpec) -> Prior:
@@ -152,14 +167,10 @@ def implied_prior(index: GraphIndex, spec: InputSpec) -> Prior:
     if kind != "f":
         raise CalibrationDataError(f"cannot generate data for input {spec.name!r} of dtype {spec.dtype}; "
                                    "pass calibration data")
-    channels = shape[1] if len(shape) > 1 else 1
-    spatial = len(shape) == 4 and channels <= MAX_OWN_CHANNELS
-    width = channels if spatial else 1
     affine = _leading_affine(index, spec.name, shape)
     if affine is None:
-        return Prior(spec.name, shape, spec.dtype, "declared shape: standard normal",
-                     mean=np.zeros(width), std=np.ones(width), alpha=1.0 if spatial else 0.0,
-                     rho=0.5 if spatial else 0.0)
+        return _float_prior(spec, shape, "declared shape: standard normal", 0.0, 1.0)
+    width = shape[1] if image_like(shape) else 1
     scale, offset, has_offset, node = affine
     scale = _per_channel(scale, width)
     offset = _per_channel(offset, width)
@@ -172,8 +183,7 @@ def implied_prior(index: GraphIndex, spec: InputSpec) -> Prior:
         mean, std = ends.mean(axis=0), np.abs(ends[1] - ends[0]) / np.sqrt(12.0)
         low, high = float(ends.min()), float(ends.max())
         source = f"scaling at node {node!r}: (x * a) in [0, 1]"
-    return Prior(spec.name, shape, spec.dtype, source, mean=mean, std=std, alpha=1.0 if spatial else 0.0,
-                 rho=0.5 if spatial else 0.0, low=low, high=high)
+    return _float_prior(spec, shape, source, mean, std, low=low, high=high)
 
 
 def _integer_prior(index: GraphIndex, spec: InputSpec, shape: tuple[int, ...]) -> Prior:

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Error budgets the curve is computed at (plus zero).
 CURVE_BUDGETS = 24
+#: Precisions that count as "above int8" for ``max_above_int8``.
+ABOVE_INT8 = ("int16", "float")
 #: A user cost: the cost of one group at one precision.
 CostFn = Callable[[GroupSensitivity, str], float]
 
@@ -108,10 +110,6 @@ def cost_limits(report: SensitivityReport, costs: Mapping[int, Mapping[str, floa
         limits.append(Limit(above, allowed, f"max_above_int8={max_above_int8:g} ({allowed} of {total} weighted "
                                             "layers)"))
     return limits
-
-
-#: Precisions that count as "above int8" for ``max_above_int8``.
-ABOVE_INT8 = ("int16", "float")
 
 
 def curve_points(errors: Mapping[int, Mapping[str, float]], costs: Mapping[int, Mapping[str, float]],
