@@ -54,7 +54,7 @@ from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, make_session
 from qnnlib.local_error import build_perturbation, build_probe
 from qnnlib.numerics.qtypes import qtype
-from qnnlib.optimize.error import output_error, region_outputs
+from qnnlib.optimize.error import output_error, region_outputs, signal_powers
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import build_plan
 from qnnlib.precision import BITS, fake_quantize_weight, group_params, owned_weights, weight_scales_at
@@ -231,8 +231,9 @@ class SimulatedSession:
 
 #: How :func:`analyze_sensitivity` can measure: see the module docstring.
 METHODS = ("estimate", "measure")
-#: Samples each group's gain is measured on (``method="estimate"``).
-GAIN_SAMPLES = 2
+#: Samples each group's gain is measured on (``method="estimate"``): the first, on which its local
+#: error is also taken, so that the gain compares like with like.
+GAIN_SAMPLES = 1
 #: The precision each group's gain is measured at (``method="estimate"``).
 GAIN_PRECISION = "int8"
 
@@ -340,9 +341,9 @@ def _estimate(float_model: onnx.ModelProto, configs: _Configurations, gids: list
     """Every entry from local errors (one probe pass, :mod:`qnnlib.local_error`) times each group's gain.
 
     A group's *gain* is how its local error grows or shrinks on the way to the region outputs:
-    ``gain[g] = E[g] / e[g, int8]``, where ``E[g]`` is the output error with only ``g`` at 8 bits on
-    the first :data:`GAIN_SAMPLES` samples, computed exactly by a run of the perturbation model
-    fed the probe's differences. It depends on the network after ``g`` more than on the precision,
+    ``gain[g] = E[g] / e[g, int8]``, both on the first :data:`GAIN_SAMPLES` samples, where ``E[g]``
+    is the output error with only ``g`` at 8 bits, computed exactly by a run of the perturbation
+    model fed the probe's differences. It depends on the network after ``g`` more than on the precision,
     so ``only_error[p] = gain[g] * e[g, p]``; ``all_but`` and ``all_lowered`` add these up.
     Returns the results and one float pass over ``samples`` in seconds.
     """
@@ -354,7 +355,8 @@ def _estimate(float_model: onnx.ModelProto, configs: _Configurations, gids: list
     float_pass = time.perf_counter() - begin
     probe = build_probe(float_model, configs.plan, params=configs.params, weights=configs.dequantised,
                         owned=configs.owned, points=points, differences_at=(GAIN_PRECISION,))
-    session = make_session(probe.model, log_errors_as="probe model")
+    # no graph optimisation: measured to save more in building the session than it costs in 8 runs
+    session = make_session(probe.model, optimization="disable", log_errors_as="probe model")
     scalars = probe.outputs
     gain_samples = samples[:GAIN_SAMPLES]
     wanted = [d for g in gids for d, _ in probe.diffs.get((g, GAIN_PRECISION), ())]
@@ -367,20 +369,23 @@ def _estimate(float_model: onnx.ModelProto, configs: _Configurations, gids: list
             differences.append({d: values[d] for d in wanted})
     del session
     local = probe.local_errors(runs)
+    local_on_gain_samples = probe.local_errors(runs[:len(gain_samples)])
     perturbation = build_perturbation(measured, probe.perturbed)
     perturbed = make_session(perturbation.model, log_errors_as="perturbation model")
     zeros = dict.fromkeys(perturbation.inputs.values(), np.zeros((), np.float32))  # broadcast by Add
+    reference_on_gain_samples = reference[:len(gain_samples)]
+    signals = signal_powers(reference_on_gain_samples)
     gains: dict[int, float] = {}
     bar = Progress(len(gids), "sensitivity", enabled=progress)
     try:
         for g in gids:
-            at = local.get((g, GAIN_PRECISION), 0.0)
+            at = local_on_gain_samples.get((g, GAIN_PRECISION), 0.0)
             if at > 0:
                 got = []
                 for k, f in enumerate(gain_samples):
                     deltas = {perturbation.inputs[t]: differences[k][d] for d, t in probe.diffs[(g, GAIN_PRECISION)]}
                     got.append(perturbed.run(points, {**f, **zeros, **deltas}))
-                gains[g] = output_error(reference[:len(gain_samples)], got) / at
+                gains[g] = output_error(reference_on_gain_samples, got, signals) / at
             bar.advance()
     finally:
         bar.close()

@@ -18,18 +18,34 @@ from qnnlib.graph.index import GraphIndex
 from qnnlib.plan import QuantPlan
 
 
-def output_error(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]]) -> float:
-    """``E = sum over outputs o of |y_o - r_o|^2 / |r_o|^2``, each sum taken over all samples."""
+def signal_powers(reference: Sequence[Sequence[np.ndarray]]) -> list[float]:
+    """Per output ``o``, ``|r_o|^2`` summed over all samples: the denominators of :func:`output_error`."""
+    count = len(reference[0]) if reference else 0
+    return [sum(_square_sum(np.asarray(r[k])) for r in reference) for k in range(count)]
+
+
+def output_error(reference: Sequence[Sequence[np.ndarray]], got: Sequence[Sequence[np.ndarray]],
+                 signals: Sequence[float] | None = None) -> float:
+    """``E = sum over outputs o of |y_o - r_o|^2 / |r_o|^2``, each sum taken over all samples.
+
+    ``signals``: the reference's :func:`signal_powers`, when the same reference is compared often.
+    Differences are taken in the outputs' own precision and squared-summed in float64.
+    """
+    signals = signal_powers(reference) if signals is None else signals
     total = 0.0
-    for k in range(len(reference[0]) if reference else 0):
-        noise = signal = 0.0
-        for r_all, y_all in zip(reference, got, strict=True):
-            r = np.asarray(r_all[k], np.float64).ravel()
-            d = r - np.asarray(y_all[k], np.float64).ravel()
-            noise += float(d @ d)
-            signal += float(r @ r)
+    for k, signal in enumerate(signals):
+        noise = sum(_square_sum(np.subtract(r[k], y[k], dtype=np.result_type(r[k], y[k], np.float32)))
+                    for r, y in zip(reference, got, strict=True))
         total += noise / signal if signal > 0 else noise
     return total
+
+
+def _square_sum(x: np.ndarray) -> float:
+    """``sum(x^2)``, the products in ``x``'s float type, accumulated by BLAS."""
+    flat = np.ravel(x)
+    if flat.dtype.kind != "f":
+        flat = flat.astype(np.float64)
+    return float(np.dot(flat, flat))
 
 
 def region_outputs(model: onnx.ModelProto, plan: QuantPlan) -> list[str]:
