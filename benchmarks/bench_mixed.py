@@ -17,6 +17,8 @@ issue's "model size"); single-thread latency (ms, median of interleaved runs); s
 int4 and int16 layers count here too); whether the threshold was met on validation data; the
 layers' precisions in qnnlib's plan (a layer with int4 weights and input counts as int4) and, for
 the mixed run, the tied groups per precision of the chosen point. The float model's size and latency head each block.
+The verdict lines compare qnnlib mixed with NNCF (met on validation, size and time ratios) and
+say whether each stayed within the allowed drop on the held-out inputs too.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ RUNS = (("qnnlib mixed", "qnnlib-mixed"), ("qnnlib threshold", "qnnlib-threshold
 def bench_model(name: str, work: Path, drops: list[float], timeout: float) -> dict[str, Any]:
     task = build_task(name)
     row: dict[str, Any] = {"model": name, "metric": task.metric_name, "held_out": len(task.held),
-                           "float_mb": task.model_path.stat().st_size / 1e6, "runs": {}}
+                           "higher_is_better": task.higher_is_better, "float_mb": task.model_path.stat().st_size / 1e6,
+                           "runs": {}}
     outputs: dict[str, Path] = {}
     for drop in drops:
         for label, tool in RUNS:
@@ -50,6 +53,11 @@ def bench_model(name: str, work: Path, drops: list[float], timeout: float) -> di
             row["runs"][key] = run_aware(tool, task, outputs[key], drop, timeout)
     score_runs(task, row, outputs)
     return row
+
+
+def held_out_drop(row: dict[str, Any], run: dict[str, Any]) -> float:
+    """The run's drop on held-out inputs: the metric against float, oriented so that float drops 0."""
+    return 1.0 - run["held_out"] if row.get("higher_is_better", True) else run["held_out"]
 
 
 def verdicts(row: dict[str, Any], drops: list[float]) -> list[str]:
@@ -63,6 +71,9 @@ def verdicts(row: dict[str, Any], drops: list[float]) -> list[str]:
                      f"NNCF met={theirs['met']} at {theirs['mb']:.3f} MB in {theirs['time']:.1f} s -> "
                      f"{'smaller' if smaller else 'NOT smaller'} (size ratio {mine['mb'] / theirs['mb']:.2f}, "
                      f"time ratio {mine['time'] / theirs['time']:.2f})")
+        within = {who: held_out_drop(row, run) for who, run in (("qnnlib", mine), ("NNCF", theirs))}
+        lines.append("    held-out drop: " + ", ".join(f"{who} {d:.3f} ({'within' if d <= drop + 1e-12 else 'BEYOND'} "
+                                                       f"{drop})" for who, d in within.items()))
     return lines
 
 
