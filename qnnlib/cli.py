@@ -69,7 +69,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from qnnlib.api import quantize
     from qnnlib.calibration.feeds import input_specs
     from qnnlib.config import QuantConfig
-    from qnnlib.graph.model_io import load_model
+    from qnnlib.graph.model_io import load_model, save_model
 
     names = [s.name for s in input_specs(load_model(args.input))]
     calib = load_calibration(args.calib, names) if args.calib else None
@@ -82,6 +82,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
     result = quantize(args.input, calib, config=config)
     result.save(args.output)
+    if args.integer:
+        save_model(result.integer_model(), args.integer)
     if args.report:
         Path(args.report).write_text(result.report.to_json(), encoding="utf-8")
     if not args.quiet:
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude-op-type", action="append", default=[], metavar="OP", help="op type to keep float")
     q.add_argument("--max-samples", type=int, default=None, help="read at most this many calibration samples")
     q.add_argument("--report", help="write the report as JSON to this file")
+    q.add_argument("--integer", type=Path, help="also write the integer-operator model (QLinearConv, ...) here")
     q.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
     q.set_defaults(func=_cmd_quantize)
     d = sub.add_parser("demo", help="quantise the built-in MNIST example and print the report")

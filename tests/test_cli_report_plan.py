@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 
 import qnnlib
@@ -41,6 +42,14 @@ def test_cli_quantize_with_npz(tmp_path: Path, model_file: Path, capsys: pytest.
     data = json.loads(report.read_text())
     assert data["calibration"]["samples"] == 8 and data["calibration"]["method"] == "minmax"
     assert "QLinearConv" in capsys.readouterr().out
+
+
+def test_cli_writes_the_integer_model(tmp_path: Path, model_file: Path) -> None:
+    out, integer = tmp_path / "q.onnx", tmp_path / "q.int.onnx"
+    assert cli.main(["quantize", str(model_file), str(out), "--integer", str(integer), "-q"]) == 0
+    ops = {n.op_type for n in onnx.load(str(integer)).graph.node}
+    assert ops & {"QLinearConv", "QGemm", "QLinearMatMul"}
+    onnxruntime.InferenceSession(str(integer), providers=["CPUExecutionProvider"])
 
 
 def test_cli_quantize_with_directory(tmp_path: Path, model_file: Path) -> None:

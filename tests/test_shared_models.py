@@ -61,6 +61,24 @@ def test_real_model_quantises_and_fuses(name: str, input_name: str, data, convs:
     assert sqnr_db(ref, got) > bound
 
 
+#: Per real model: input name, shape, pixel scale and offset of its smooth random images, convolutions.
+INTEGER_CASES = {
+    "squeezenet1.0-fp32.onnx": ("data_0", (1, 3, 224, 224), 255.0, 0.0, 26),
+    "ultraface-rfb-320.onnx": ("input", (1, 3, 240, 320), 2.0, -1.0, 52),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTEGER_CASES))
+def test_real_model_integer_operators_are_bit_exact(name: str) -> None:
+    input_name, shape, scale, offset, convs = INTEGER_CASES[name]
+    result = qnnlib.quantize(shared_model(name), _feeds(shape, 8, scale=scale, offset=offset))
+    integer = result.integer_model()
+    assert sum(n.op_type == "QLinearConv" for n in integer.graph.node) == convs
+    for x in _feeds(shape, 2, scale=scale, offset=offset, seed=3):
+        for want, got in zip(run(result.model, {input_name: x}), run(integer, {input_name: x}), strict=True):
+            np.testing.assert_array_equal(want, got)
+
+
 def test_float16_squeezenet_keeps_float16_io() -> None:
     path = shared_model("squeezenet1.0-fp16.onnx")
     calib = _feeds((1, 3, 224, 224), 4, dtype=np.float16, scale=255.0)
