@@ -55,3 +55,7 @@ class ThresholdError(QnnlibError):
 
 class SessionError(QnnlibError):
     """onnxruntime could not load or run a model qnnlib built or was given; the message carries its words."""
+
+
+class InputError(QnnlibError, ValueError):
+    """Feeds or output names given to a session do not match the model's inputs and outputs."""

@@ -1,0 +1,185 @@
+"""``qnnlib.coprocessor.InferenceSession``: onnxruntime's interface, integer layers on the coprocessor.
+
+The model's integer layers run in numpy integer kernels, as a coprocessor in an SoC would run
+them, and the rest on onnxruntime's CPU provider.
+
+Like an execution provider it has two steps:
+
+* **capability**: every node whose op has a kernel (:data:`qnnlib.coprocessor.ops.KERNELS`) and
+  whose weights, scales and zero points are constants is claimed. The nodes, in the model's
+  topological order, are cut into *segments* of consecutive claimed or unclaimed nodes; segments
+  run one after another, so no cycle between them can form.
+* **compile**: each claimed segment becomes a list of kernels with their constants bound; each
+  unclaimed segment becomes an onnxruntime CPU session on the sub-model of its nodes (its inputs:
+  what it reads from earlier segments or the graph inputs; its outputs: what later segments or
+  the graph outputs read).
+
+A QDQ model is first rewritten into integer operators (:func:`qnnlib.emit.integer.to_integer`);
+an integer model is taken as it is. :meth:`InferenceSession.placement` lists where each node ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qnnlib.coprocessor.ops import CONSTANT_INPUTS, KERNELS
+from qnnlib.coprocessor.policy import POLICIES
+from qnnlib.emit.integer import to_integer
+from qnnlib.errors import ConfigError, InputError
+from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.model_io import ModelLike, load_model, make_session
+
+log = logging.getLogger(__name__)
+
+#: What :meth:`InferenceSession.placement` names the two places.
+COPROCESSOR = "coprocessor"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """An input or output as onnxruntime's ``NodeArg`` describes it: name, type string, shape."""
+
+    name: str
+    type: str
+    shape: list[int | str | None]
+
+
+@dataclass
+class _Segment:
+    place: str
+    nodes: list[onnx.NodeProto]
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    session: Any = None
+
+
+class InferenceSession:
+    """Run ``model`` with its integer layers on the coprocessor stand-in (module docstring).
+
+    ``policy``: ``"ort-exact"`` (every integer equals onnxruntime's), ``"q31"`` or ``"pot"``
+    (:mod:`qnnlib.coprocessor.policy`).
+    """
+
+    def __init__(self, model: ModelLike, policy: str = "ort-exact") -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
+        proto = to_integer(load_model(model)).model
+        self._model = proto
+        index = GraphIndex(proto)
+        self._constants = {t.name: index.constant(t.name) for t in proto.graph.initializer}
+        self._types = _tensor_types(proto, index)
+        self._segments = _segments(index, self._constants)
+        produced_later: set[str] = {o.name for o in proto.graph.output}
+        for segment in reversed(self._segments):
+            made = {o for n in segment.nodes for o in n.output if o}
+            read = [t for n in segment.nodes for t in n.input if t and t not in made and t not in self._constants]
+            segment.outputs = sorted(made & produced_later)
+            segment.inputs = list(dict.fromkeys(read))
+            produced_later |= set(segment.inputs)
+        for segment in self._segments:
+            if segment.place == CPU:
+                segment.session = make_session(self._sub_model(segment), log_errors_as="CPU part of the model")
+        self._inputs = [_arg(v) for v in proto.graph.input if v.name not in self._constants]
+        self._outputs = [_arg(v) for v in proto.graph.output]
+
+    def _sub_model(self, segment: _Segment) -> onnx.ModelProto:
+        needed = {t for n in segment.nodes for t in n.input}
+        graph = helper.make_graph(
+            segment.nodes, "segment",
+            [self._value_info(t) for t in segment.inputs], [self._value_info(t) for t in segment.outputs],
+            [t for t in self._model.graph.initializer if t.name in needed])
+        sub = helper.make_model(graph, opset_imports=list(self._model.opset_import))
+        sub.ir_version = self._model.ir_version
+        return sub
+
+    def _value_info(self, tensor: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(tensor, self._types.get(tensor, onnx.TensorProto.FLOAT), None)
+
+    def get_inputs(self) -> list[NodeArg]:
+        """The model's inputs."""
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        """The model's outputs."""
+        return list(self._outputs)
+
+    def placement(self) -> dict[str, str]:
+        """Each node (by name, else its first output) and where it runs: ``"coprocessor"`` or the CPU provider."""
+        return {n.name or n.output[0]: s.place for s in self._segments for n in s.nodes}
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any],
+            run_options: Any = None) -> list[np.ndarray]:
+        """``onnxruntime.InferenceSession.run``: the outputs named (all when None) for ``input_feed``."""
+        names = [o.name for o in self._outputs] if output_names is None else list(output_names)
+        missing = [i.name for i in self._inputs if i.name not in input_feed]
+        if missing:
+            raise InputError(f"missing inputs {missing}; the model takes {[i.name for i in self._inputs]}")
+        values: dict[str, Any] = {k: np.asarray(v) for k, v in input_feed.items()}
+        for segment in self._segments:
+            if segment.place == CPU:
+                got = segment.session.run(segment.outputs, {t: values[t] for t in segment.inputs}, run_options)
+                values.update(zip(segment.outputs, got, strict=True))
+                continue
+            for node in segment.nodes:
+                args = [None if not t else self._constants.get(t, values.get(t)) for t in node.input]
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                values.update(zip(node.output, KERNELS[node.op_type](attrs, args, self.policy), strict=True))
+        unknown = [n for n in names if n not in values]
+        if unknown:
+            raise InputError(f"unknown outputs {unknown}; the model gives {[o.name for o in self._outputs]}")
+        return [values[n] for n in names]
+
+
+def _claimed(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
+    if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in KERNELS:
+        return False
+    return all(i >= len(node.input) or not node.input[i] or node.input[i] in constants
+               for i in CONSTANT_INPUTS.get(node.op_type, ()))
+
+
+def _segments(index: GraphIndex, constants: Mapping[str, np.ndarray]) -> list[_Segment]:
+    segments: list[_Segment] = []
+    for node in index.nodes:
+        place = COPROCESSOR if _claimed(node, constants) else CPU
+        if not segments or segments[-1].place != place:
+            segments.append(_Segment(place, []))
+        segments[-1].nodes.append(node)
+    return segments
+
+
+def _tensor_types(model: onnx.ModelProto, index: GraphIndex) -> dict[str, int]:
+    """Element types of the tensors crossing segments: declared or inferred, else an integer op's zero point's."""
+    types: dict[str, int] = {}
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    for node in index.nodes:
+        zero = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
+                "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QuantizeLinear": 2,
+                "QLinearConcat": 1}.get(node.op_type)
+        if zero is not None and len(node.input) > zero and node.input[zero] and index.is_constant(node.input[zero]):
+            dtype = index.constant(node.input[zero]).dtype
+            types.setdefault(node.output[0], int(helper.np_dtype_to_tensor_dtype(dtype)))
+    for node in index.nodes:  # ops that move values keep their input's type
+        if node.output and node.output[0] not in types and node.input and node.input[0] in types and \
+                node.op_type in ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+            types[node.output[0]] = types[node.input[0]]
+    return types
+
+
+def _arg(value: onnx.ValueInfoProto) -> NodeArg:
+    tensor = value.type.tensor_type
+    name = onnx.TensorProto.DataType.Name(tensor.elem_type).lower() if tensor.elem_type else "float"
+    dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in tensor.shape.dim]
+    return NodeArg(value.name, f"tensor({name})", dims)
