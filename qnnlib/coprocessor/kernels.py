@@ -73,22 +73,26 @@ def conv_accumulate(x: np.ndarray, x_zero: int, w: np.ndarray, w_zero: np.ndarra
     m, c_per_group = w.shape[:2]
     kernel = w.shape[2:]
     n = x.shape[0]
-    outputs = []
     per_group = m // group
-    for g in range(group):
-        cols, out = im2col(xs[:, g * c_per_group:(g + 1) * c_per_group], kernel, strides, dilations, pads)
-        wg = ws[g * per_group:(g + 1) * per_group].reshape(per_group, -1)
-        bound = float(np.abs(cols).max(initial=0)) * float(np.abs(wg).sum(axis=1).max(initial=0))
-        acc = exact_matmul(cols, wg.T, bound)  # (N, positions, per_group)
-        if saturate and x.dtype == np.uint8 and w.dtype == np.int8 and c_per_group > 1 and not np.any(w_zero):
-            spatial = int(np.prod(kernel))
-            raw = (cols + np.int32(x_zero)).reshape(n, -1, c_per_group, spatial).transpose(0, 1, 3, 2)
-            raw = _even_channels(raw)
-            wraw = _even_channels(w[g * per_group:(g + 1) * per_group].reshape(per_group, c_per_group, spatial)
-                                  .transpose(0, 2, 1))
-            acc += pair_saturation(raw.reshape(n, raw.shape[1], -1), wraw.reshape(per_group, -1))
-        outputs.append(acc.transpose(0, 2, 1).reshape(n, per_group, *out))
-    return np.concatenate(outputs, axis=1) if group > 1 else outputs[0]
+    cols, out = im2col(xs, kernel, strides, dilations, pads)  # (N, P, C * k), C outermost: groups stay apart
+    positions = cols.shape[1]
+    by_group = cols.reshape(n * positions, group, -1).transpose(1, 0, 2)  # (G, N * P, c_per_group * k)
+    wg = ws.reshape(group, per_group, -1)  # (G, per_group, c_per_group * k)
+    bound = float(np.abs(cols).max(initial=0)) * float(np.abs(wg).sum(axis=2).max(initial=0))
+    if per_group == 1 and group > 1:  # depthwise: one weight row per group, a product-sum beats G tiny GEMMs
+        dtype = np.float32 if bound <= FLOAT32_EXACT else np.float64
+        acc = np.einsum("gpk,gk->gp", by_group.astype(dtype), wg[:, 0, :].astype(dtype))[..., None].astype(np.float64)
+    else:
+        acc = exact_matmul(by_group, wg.transpose(0, 2, 1), bound)  # (G, N * P, per_group)
+    if saturate and x.dtype == np.uint8 and w.dtype == np.int8 and c_per_group > 1 and not np.any(w_zero):
+        spatial = int(np.prod(kernel))
+        for g in range(group):
+            raw = (by_group[g] + np.int32(x_zero)).reshape(n * positions, c_per_group, spatial).transpose(0, 2, 1)
+            wraw = w[g * per_group:(g + 1) * per_group].reshape(per_group, c_per_group, spatial).transpose(0, 2, 1)
+            raw, wraw = _even_channels(raw), _even_channels(wraw)
+            acc[g] += pair_saturation(raw.reshape(n * positions, -1), wraw.reshape(per_group, -1))
+    # (G, N * P, per_group) -> (N, G * per_group, *out)
+    return acc.reshape(group, n, positions, per_group).transpose(1, 0, 3, 2).reshape(n, m, *out)
 
 
 def _even_channels(x: np.ndarray) -> np.ndarray:
@@ -147,5 +151,7 @@ def _scatter_add(out: np.ndarray, values: np.ndarray, columns: np.ndarray) -> No
     """``out[..., columns[r]] += values[..., r]`` for every r (repeated columns add up)."""
     flat_out = out.reshape(-1, out.shape[-1])
     flat_values = values.reshape(-1, values.shape[-1])
-    for column in np.unique(columns):
-        flat_out[:, column] += flat_values[:, columns == column].sum(axis=1)
+    order = np.argsort(columns, kind="stable")
+    sorted_columns = columns[order]
+    starts = np.flatnonzero(np.r_[True, sorted_columns[1:] != sorted_columns[:-1]])
+    flat_out[:, sorted_columns[starts]] += np.add.reduceat(flat_values[:, order], starts, axis=1)
