@@ -1,7 +1,7 @@
 """Integer kernels of the coprocessor stand-in: numpy functions of integer tensors.
 
-Every kernel accumulates exactly in integers and then requantises by a :class:`Requantizer`, which
-holds the policy (:mod:`qnnlib.coprocessor.policy`). Accumulation runs as a float32 GEMM where that
+Every kernel accumulates exactly in integers; the operators (:mod:`qnnlib.coprocessor.ops`) then
+requantise by the policy (:mod:`qnnlib.coprocessor.policy`). Accumulation runs as a float32 GEMM where that
 is exact, ``max|x - z_x| * max_c sum|w_c - z_w| <= 2**24`` (every partial sum is an integer below
 ``2**24``, which float32 holds exactly, whatever the summation order), and in float64 otherwise
 (exact below ``2**53``); numpy's int32 matmul is about 30x slower (DESIGN.md section 9).
@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 
 #: The largest integer every float32 partial sum holds exactly.
 FLOAT32_EXACT = 2**24
-
-
-class Requantizer(Protocol):
-    """Takes an int32 accumulator (as exact float64 or float32 values) to the output's integer grid."""
-
-    def __call__(self, acc: np.ndarray, m: np.ndarray, zero_point: int, dtype: np.dtype) -> np.ndarray:
-        """``acc`` scaled by ``m`` (per output channel on axis 1, or scalar), rounded, offset and saturated."""
-        ...
 
 
 def exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:

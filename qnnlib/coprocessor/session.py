@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qnnlib.coprocessor.ops import CONSTANT_INPUTS, KERNELS
+from qnnlib.coprocessor.ops import CONSTANT_INPUTS, KERNELS, Kernel
 from qnnlib.coprocessor.policy import POLICIES
-from qnnlib.emit.integer import to_integer
+from qnnlib.emit.integer import MOVES, to_integer
 from qnnlib.errors import ConfigError, InputError
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, load_model, make_session
@@ -59,6 +59,7 @@ class _Segment:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     session: Any = None
+    kernels: list[tuple[onnx.NodeProto, Kernel, dict[str, Any]]] = field(default_factory=list)
 
 
 class InferenceSession:
@@ -88,6 +89,9 @@ class InferenceSession:
         for segment in self._segments:
             if segment.place == CPU:
                 segment.session = make_session(self._sub_model(segment), log_errors_as="CPU part of the model")
+            else:  # compile: each node's kernel and attributes, once
+                segment.kernels = [(n, KERNELS[n.op_type], {a.name: helper.get_attribute_value(a) for a in n.attribute})
+                                   for n in segment.nodes]
         self._inputs = [_arg(v) for v in proto.graph.input if v.name not in self._constants]
         self._outputs = [_arg(v) for v in proto.graph.output]
 
@@ -129,10 +133,9 @@ class InferenceSession:
                 got = segment.session.run(segment.outputs, {t: values[t] for t in segment.inputs}, run_options)
                 values.update(zip(segment.outputs, got, strict=True))
                 continue
-            for node in segment.nodes:
+            for node, kernel, attrs in segment.kernels:
                 args = [None if not t else self._constants.get(t, values.get(t)) for t in node.input]
-                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-                values.update(zip(node.output, KERNELS[node.op_type](attrs, args, self.policy), strict=True))
+                values.update(zip(node.output, kernel(attrs, args, self.policy), strict=True))
         unknown = [n for n in names if n not in values]
         if unknown:
             raise InputError(f"unknown outputs {unknown}; the model gives {[o.name for o in self._outputs]}")
@@ -172,7 +175,7 @@ def _tensor_types(model: onnx.ModelProto, index: GraphIndex) -> dict[str, int]:
             types.setdefault(node.output[0], int(helper.np_dtype_to_tensor_dtype(dtype)))
     for node in index.nodes:  # ops that move values keep their input's type
         if node.output and node.output[0] not in types and node.input and node.input[0] in types and \
-                node.op_type in ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"):
+                node.op_type in MOVES:
             types[node.output[0]] = types[node.input[0]]
     return types
 

@@ -57,6 +57,9 @@ METADATA_KEY = "qnnlib.requantization"
 MS_DOMAIN = "com.microsoft"
 #: MaxPool takes 8-bit integer tensors from this opset on.
 INTEGER_MAXPOOL_OPSET = 12
+#: Ops that only move values: on an integer tensor whose input and output share scale and zero point
+#: they run as they are, and their output keeps the input's type.
+MOVES = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 #: Integer element types an integer operator takes.
 EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
@@ -161,18 +164,19 @@ class _Rewriter:
             self.removed.add(id(q))
         entry: dict[str, list[float] | list[int]] = {}
         for key, m in factors.items():
-            pairs = [fixed_point(float(v)) for v in np.asarray(m, np.float64).reshape(-1)]
-            entry[f"{key}_real"] = [float(v) for v in np.asarray(m, np.float64).reshape(-1)]
+            reals = [float(v) for v in np.asarray(m, np.float64).reshape(-1)]
+            pairs = [fixed_point(v) for v in reals]
+            entry[f"{key}_real"] = reals
             entry[f"{key}_multiplier"] = [p[0] for p in pairs]
             entry[f"{key}_shift"] = [p[1] for p in pairs]
         self.requantization[new.name] = entry
 
-    def new_node(self, op: str, inputs: list[str], output: str, like: onnx.NodeProto, *, domain: str = "",
-                 keep_attributes: bool = True) -> onnx.NodeProto:
+    def new_node(self, op: str, inputs: list[str], output: str, like: onnx.NodeProto, *,
+                 domain: str = "") -> onnx.NodeProto:
+        """Node ``op`` writing ``output``, named after and carrying the attributes of the float node ``like``."""
         node = helper.make_node(op, inputs, [output], name=self.names.fresh(f"{like.name or output}_{op}"),
                                 domain=domain)
-        if keep_attributes:
-            node.attribute.extend(like.attribute)
+        node.attribute.extend(like.attribute)
         return node
 
     # -- one method per operator -----------------------------------------------------------------
@@ -275,14 +279,16 @@ class _Rewriter:
         self.removed.add(id(q))
         return True
 
-    def average_pool(self, node: onnx.NodeProto) -> bool:
+    def pool(self, node: onnx.NodeProto) -> bool:
+        """AveragePool and GlobalAveragePool -> com.microsoft QLinearAveragePool / QLinearGlobalAveragePool (NCHW)."""
         x = self.dequantized(node.input[0])
         found = self.requantized(node)
         if x is None or found is None or self.scale(x.scale).size != 1:
             return False
         q, y = found
-        new = self.new_node("QLinearAveragePool", [x.value, x.scale, x.zero_point, y.scale, y.zero_point], y.value,
-                            node, domain=MS_DOMAIN)
+        new = self.new_node(f"QLinear{node.op_type}", [x.value, x.scale, x.zero_point, y.scale, y.zero_point],
+                            y.value, node, domain=MS_DOMAIN)
+        new.attribute.append(helper.make_attribute("channels_last", 0))
         self.replace(node, q, new, {"output": self.scale(x.scale) / self.scale(y.scale)})
         return True
 
@@ -301,24 +307,12 @@ class _Rewriter:
                                     for i, p in enumerate(parts) if p is not None})
         return True
 
-    def global_average_pool(self, node: onnx.NodeProto) -> bool:
-        x = self.dequantized(node.input[0])
-        found = self.requantized(node)
-        if x is None or found is None or self.scale(x.scale).size != 1:
-            return False
-        q, y = found
-        new = self.new_node("QLinearGlobalAveragePool", [x.value, x.scale, x.zero_point, y.scale, y.zero_point],
-                            y.value, node, domain=MS_DOMAIN, keep_attributes=False)
-        new.attribute.append(helper.make_attribute("channels_last", 0))
-        self.replace(node, q, new, {"output": self.scale(x.scale) / self.scale(y.scale)})
-        return True
 
 
 #: Float compute ops an integer operator can take over, and the rewriter method that does.
 _RULES = {"Conv": _Rewriter.conv, "MatMul": _Rewriter.matmul, "Gemm": _Rewriter.gemm, "Add": _Rewriter.binary,
-          "Mul": _Rewriter.binary, "GlobalAveragePool": _Rewriter.global_average_pool,
-          "AveragePool": _Rewriter.average_pool, "Concat": _Rewriter.concat,
-          **dict.fromkeys(("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"), _Rewriter.move)}
+          "Mul": _Rewriter.binary, "GlobalAveragePool": _Rewriter.pool, "AveragePool": _Rewriter.pool,
+          "Concat": _Rewriter.concat, **dict.fromkeys(MOVES, _Rewriter.move)}
 #: Nodes that only move or requantise values: not reported as kept compute.
 _PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
              "Identity", "Shape", "Gather", "Slice", "Concat", "Split", "Constant"}
