@@ -1,100 +1,119 @@
-"""Integer kernels of the coprocessor stand-in: numpy functions of integer tensors.
+"""Integer kernels of the coprocessor stand-in: exact integer products of numpy arrays.
 
-Every kernel accumulates exactly in integers; the operators (:mod:`qnnlib.coprocessor.ops`) then
-requantise by the policy (:mod:`qnnlib.coprocessor.policy`). Accumulation runs as a float32 GEMM where that
-is exact, ``max|x - z_x| * max_c sum|w_c - z_w| <= 2**24`` (every partial sum is an integer below
-``2**24``, which float32 holds exactly, whatever the summation order), and in float64 otherwise
-(exact below ``2**53``); numpy's int32 matmul is about 30x slower (DESIGN.md section 9).
+Each kernel is compiled once per node from its constant weights (:class:`ExactProduct`,
+:class:`PairSaturation`) and then applied to every input. Accumulation is exact: a float32 GEMM
+holds every partial sum exactly while it stays below ``2**24``, whatever the summation order. The
+compile step splits the reduction axis into chunks for which ``max|x - z_x| * max_m sum_k |w_mk|
+<= 2**24`` holds for any input the zero point allows; each chunk is a float32 GEMM and the chunks
+add up in float64 (exact below ``2**53``). numpy's int32 matmul is about 30x slower (DESIGN.md
+section 9).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 #: The largest integer every float32 partial sum holds exactly.
 FLOAT32_EXACT = 2**24
-
-
-def exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
-    """``a @ b`` of integer-valued arrays, exactly: float32 when ``bound <= 2**24``, else float64."""
-    dtype = np.float32 if bound <= FLOAT32_EXACT else np.float64
-    return np.matmul(a.astype(dtype, copy=False), b.astype(dtype, copy=False)).astype(np.float64)
-
-
-def im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
-           pads: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Patches of ``x`` (N, C, *spatial), zero-padded: shape (N, out positions, C * prod(kernel)), out dims.
-
-    ``pads`` is ONNX's ``[begin_0, ..., begin_k, end_0, ..., end_k]``.
-    """
-    n, c = x.shape[:2]
-    spatial = x.shape[2:]
-    rank = len(spatial)
-    padded = np.pad(x, [(0, 0), (0, 0), *[(pads[i], pads[i + rank]) for i in range(rank)]])
-    out = tuple((spatial[i] + pads[i] + pads[i + rank] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-                for i in range(rank))
-    cols = np.empty((n, c, *kernel, *out), x.dtype)
-    for offsets in np.ndindex(*kernel):
-        index = tuple(slice(offsets[i] * dilations[i], offsets[i] * dilations[i] + strides[i] * (out[i] - 1) + 1,
-                            strides[i]) for i in range(rank))
-        target = (slice(None), slice(None), *offsets)
-        source = (slice(None), slice(None), *index)
-        cols[target] = padded[source]
-    # (N, C, k..., o...) -> (N, o..., C, k...)
-    order = (0, *range(2 + rank, 2 + 2 * rank), 1, *range(2, 2 + rank))
-    return cols.transpose(order).reshape(n, int(np.prod(out)), c * int(np.prod(kernel))), out
-
-
-def conv_accumulate(x: np.ndarray, x_zero: int, w: np.ndarray, w_zero: np.ndarray, *, group: int,
-                    strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int],
-                    saturate: bool = False) -> np.ndarray:
-    """``sum (x - z_x)(w - z_w)`` of a grouped convolution, exactly, as float64 of shape (N, M, *out).
-
-    Padding contributes nothing (padded positions hold ``z_x``, so ``x - z_x = 0`` there).
-    ``saturate``: add what onnxruntime's AVX2 kernel changes (:func:`pair_saturation` over the raw
-    uint8 input and int8 weights, channels innermost in each kernel position: its NHWC order), for a
-    uint8 input, int8 weights with zero point 0, and not a depthwise convolution (whose kernel
-    multiplies exactly).
-    """
-    xs = x.astype(np.int32) - np.int32(x_zero)
-    ws = w.astype(np.int32) - np.asarray(w_zero, np.int32).reshape(-1, *([1] * (w.ndim - 1)))
-    m, c_per_group = w.shape[:2]
-    kernel = w.shape[2:]
-    n = x.shape[0]
-    per_group = m // group
-    cols, out = im2col(xs, kernel, strides, dilations, pads)  # (N, P, C * k), C outermost: groups stay apart
-    positions = cols.shape[1]
-    by_group = cols.reshape(n * positions, group, -1).transpose(1, 0, 2)  # (G, N * P, c_per_group * k)
-    wg = ws.reshape(group, per_group, -1)  # (G, per_group, c_per_group * k)
-    bound = float(np.abs(cols).max(initial=0)) * float(np.abs(wg).sum(axis=2).max(initial=0))
-    if per_group == 1 and group > 1:  # depthwise: one weight row per group, a product-sum beats G tiny GEMMs
-        dtype = np.float32 if bound <= FLOAT32_EXACT else np.float64
-        acc = np.einsum("gpk,gk->gp", by_group.astype(dtype), wg[:, 0, :].astype(dtype))[..., None].astype(np.float64)
-    else:
-        acc = exact_matmul(by_group, wg.transpose(0, 2, 1), bound)  # (G, N * P, per_group)
-    if saturate and x.dtype == np.uint8 and w.dtype == np.int8 and c_per_group > 1 and not np.any(w_zero):
-        spatial = int(np.prod(kernel))
-        for g in range(group):
-            raw = (by_group[g] + np.int32(x_zero)).reshape(n * positions, c_per_group, spatial).transpose(0, 2, 1)
-            wraw = w[g * per_group:(g + 1) * per_group].reshape(per_group, c_per_group, spatial).transpose(0, 2, 1)
-            raw, wraw = _even_channels(raw), _even_channels(wraw)
-            acc[g] += pair_saturation(raw.reshape(n * positions, -1), wraw.reshape(per_group, -1))
-    # (G, N * P, per_group) -> (N, G * per_group, *out)
-    return acc.reshape(group, n, positions, per_group).transpose(1, 0, 3, 2).reshape(n, m, *out)
-
-
-def _even_channels(x: np.ndarray) -> np.ndarray:
-    """``x`` with a zero channel appended on the last axis when it has an odd number (pairs stay in one position)."""
-    if x.shape[-1] % 2 == 0:
-        return x
-    return np.concatenate([x, np.zeros((*x.shape[:-1], 1), x.dtype)], axis=-1)
-
-
 #: int16 bounds of x86's ``vpmaddubsw``, which adds two uint8 x int8 products with saturation.
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
+
+
+@dataclass(frozen=True)
+class ExactProduct:
+    """``w @ x`` for integer-valued ``w`` (..., M, K) and any ``x`` with ``|x| <= x_max``, exactly.
+
+    ``chunks``: ranges of K each a float32 GEMM; one chunk gives a float32 result, several a
+    float64 sum of float32 GEMMs.
+    """
+
+    weights: np.ndarray
+    chunks: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def compile(cls, w: np.ndarray, x_max: float) -> ExactProduct:
+        """Split K so that ``x_max * max_m sum_{k in chunk} |w_mk| <= 2**24`` in every chunk."""
+        magnitudes = np.abs(w.astype(np.float64)).reshape(-1, w.shape[-1])
+        chunks: list[tuple[int, int]] = []
+        start, k = 0, w.shape[-1]
+        while start < k:
+            partial = np.cumsum(magnitudes[:, start:], axis=1).max(axis=0) * max(x_max, 1.0)
+            length = max(1, int(np.searchsorted(partial, FLOAT32_EXACT, side="right")))
+            chunks.append((start, start + length))
+            start += length
+        return cls(w.astype(np.float32), tuple(chunks))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``weights @ x`` for ``x`` (..., K, P): float32 (one chunk) or float64 (several)."""
+        x = x.astype(np.float32, copy=False)
+        if len(self.chunks) == 1:
+            return np.matmul(self.weights, x)
+        total = np.zeros(np.broadcast_shapes((*self.weights.shape[:-1], 1), (*x.shape[:-2], 1, x.shape[-1])))
+        for start, stop in self.chunks:
+            total += np.matmul(self.weights[..., start:stop], x[..., start:stop, :])
+        return total
+
+
+@dataclass(frozen=True)
+class PairSaturation:
+    """What onnxruntime's AVX2 uint8 x int8 kernels change by adding product pairs in a saturating int16.
+
+    The reduction runs over pairs ``j`` of (uint8 input, int8 weight) products; ``vpmaddubsw`` adds
+    each pair in int16 with saturation: ``sat16(a0 w0 + a1 w1)`` in place of ``a0 w0 + a1 w1``.
+    With ``a >= 0`` a pair can only saturate when its weights share a sign and
+    ``255 * (|w0| + |w1|) > 32767`` (*risky* pairs, found at compile time) and the input pair is
+    large: ``(a0 + a1) * max(|w0|, |w1|) > 32767``, i.e. ``a0 + a1 > threshold[j]``. At run time only
+    those input positions are multiplied out.
+
+    ``rows``, ``w0``, ``w1``: the risky (output row, weights) of each pair ``j``, grouped by ``j``
+    from ``starts[j]`` to ``starts[j + 1]``; ``threshold``: shaped like the pair axes.
+    """
+
+    threshold: np.ndarray
+    starts: np.ndarray
+    rows: np.ndarray
+    w0: np.ndarray
+    w1: np.ndarray
+
+    @classmethod
+    def compile(cls, w0: np.ndarray, w1: np.ndarray) -> PairSaturation | None:
+        """From the weights of each pair, (M, *pair axes) int8 each; None when no pair is risky."""
+        a, b = w0.astype(np.int32), w1.astype(np.int32)
+        risky = (a * b >= 0) & (255 * (np.abs(a) + np.abs(b)) > INT16_MAX)
+        if not risky.any():
+            return None
+        pair_shape = w0.shape[1:]
+        flat_risky = risky.reshape(len(w0), -1)
+        js, rows = np.nonzero(flat_risky.T)  # grouped by pair j
+        a_flat, b_flat = a.reshape(len(w0), -1), b.reshape(len(w0), -1)
+        largest = np.where(flat_risky, np.maximum(np.abs(a_flat), np.abs(b_flat)), 1).max(axis=0)
+        threshold = np.where(flat_risky.any(axis=0), INT16_MAX // largest, 2 * 255)
+        starts = np.searchsorted(js, np.arange(flat_risky.shape[1] + 1))
+        return cls(threshold.reshape(pair_shape).astype(np.int16), starts, rows,
+                   a_flat[rows, js], b_flat[rows, js])
+
+    def add_to(self, acc: np.ndarray, a0: np.ndarray, a1: np.ndarray) -> None:
+        """``acc[n, m, p] += sum_j sat16(pair) - pair`` for input pairs ``a0``, ``a1``: (N, *pair axes, P) uint8."""
+        total = a0.astype(np.int16) + a1
+        candidates = np.nonzero(total > self.threshold[..., None])
+        if candidates[0].size == 0:
+            return
+        n, p = candidates[0], candidates[-1]
+        j = np.ravel_multi_index(candidates[1:-1], self.threshold.shape)
+        x0, x1 = a0[candidates].astype(np.int32), a1[candidates].astype(np.int32)
+        counts = self.starts[j + 1] - self.starts[j]
+        which = np.repeat(np.arange(j.size), counts)
+        first_of_each = np.repeat(np.cumsum(counts) - counts, counts)
+        offsets = np.arange(which.size) - first_of_each + np.repeat(self.starts[j], counts)
+        product = x0[which] * self.w0[offsets] + x1[which] * self.w1[offsets]
+        correction = np.clip(product, INT16_MIN, INT16_MAX) - product
+        hit = np.nonzero(correction)[0]
+        if hit.size:
+            np.add.at(acc, (n[which[hit]], self.rows[offsets[hit]], p[which[hit]]), correction[hit])
 
 
 @functools.cache
@@ -112,37 +131,59 @@ def pairs_saturate() -> bool:
     return "avx2" in flags and not any(f in flags for f in ("avx512_vnni", "avx_vnni"))
 
 
-def pair_saturation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """What saturating each product pair in int16 changes in ``sum_k a[..., k] * b[m, k]``.
+def pair_axes(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first and second members of each pair ``(2i, 2i + 1)`` along ``axis``.
 
-    ``a``: raw uint8 values (..., K); ``b``: int8 weights (M, K); K is taken in pairs
-    ``(2j, 2j + 1)`` (an odd K padded with a zero). Returns (..., M) to add to the exact sum:
-    ``sum_j sat16(a_2j b_2j + a_2j+1 b_2j+1) - (a_2j b_2j + a_2j+1 b_2j+1)``. Only weight pairs with
-    ``255 * (|b_2j| + |b_2j+1|) > 32767`` can saturate, so only those are computed.
+    An odd last member is left out: alone it cannot saturate.
     """
-    k = a.shape[-1]
-    if k % 2:
-        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), a.dtype)], axis=-1)
-        b = np.concatenate([b, np.zeros((b.shape[0], 1), b.dtype)], axis=-1)
-    bp = b.astype(np.int32).reshape(b.shape[0], -1, 2)
-    risky_m, risky_j = np.nonzero(255 * np.abs(bp).sum(axis=-1) > INT16_MAX)
-    out = np.zeros((*a.shape[:-1], b.shape[0]), np.float64)
-    if risky_m.size == 0:
-        return out
-    ap = a.reshape(*a.shape[:-1], -1, 2).astype(np.int32)
-    for start in range(0, risky_m.size, 4096):  # bounded memory: (..., 4096) products at a time
-        ms, js = risky_m[start:start + 4096], risky_j[start:start + 4096]
-        p = ap[..., js, 0] * bp[ms, js, 0] + ap[..., js, 1] * bp[ms, js, 1]
-        correction = (np.clip(p, INT16_MIN, INT16_MAX) - p).astype(np.float64)
-        _scatter_add(out, correction, ms)
-    return out
+    size = values.shape[axis] - values.shape[axis] % 2
+    first = [slice(None)] * values.ndim
+    second = [slice(None)] * values.ndim
+    first[axis], second[axis] = slice(0, size, 2), slice(1, size, 2)
+    return values[tuple(first)], values[tuple(second)]
 
 
-def _scatter_add(out: np.ndarray, values: np.ndarray, columns: np.ndarray) -> None:
-    """``out[..., columns[r]] += values[..., r]`` for every r (repeated columns add up)."""
-    flat_out = out.reshape(-1, out.shape[-1])
-    flat_values = values.reshape(-1, values.shape[-1])
-    order = np.argsort(columns, kind="stable")
-    sorted_columns = columns[order]
-    starts = np.flatnonzero(np.r_[True, sorted_columns[1:] != sorted_columns[:-1]])
-    flat_out[:, sorted_columns[starts]] += np.add.reduceat(flat_values[:, order], starts, axis=1)
+def output_size(size: int, kernel: int, stride: int, dilation: int, pads: tuple[int, int], *,
+                ceil: bool = False) -> int:
+    """Positions of a sliding window: ``floor((size + pads - dilation (kernel - 1) - 1) / stride) + 1``.
+
+    With ``ceil`` the division rounds up, and the last window must still start inside the input or
+    its begin padding.
+    """
+    pad_begin, pad_end = pads
+    span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    return out - 1 if ceil and (out - 1) * stride >= size + pad_begin else out
+
+
+def strided_views(padded: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+                  out: Sequence[int]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """For each kernel offset, the view of ``padded`` (N, C, *spatial) it multiplies at every output position."""
+    rank = len(kernel)
+    for offsets in np.ndindex(*kernel):
+        index = tuple(slice(offsets[i] * dilations[i], offsets[i] * dilations[i] + strides[i] * (out[i] - 1) + 1,
+                            strides[i]) for i in range(rank))
+        key = (slice(None), slice(None), *index)
+        yield offsets, padded[key]
+
+
+def im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+           pads: Sequence[int], *, pad_value: int = 0) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Patches of ``x`` (N, C, *spatial) padded with ``pad_value``: shape (N, C, prod(kernel), positions), out dims.
+
+    ``pads`` is ONNX's ``[begin_0, ..., begin_k, end_0, ..., end_k]``. A 1x1 kernel with unit
+    strides and no padding is a reshape, not a copy.
+    """
+    n, c = x.shape[:2]
+    rank = len(kernel)
+    out = tuple(output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]))
+                for i in range(rank))
+    if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
+        return x.reshape(n, c, 1, -1), out
+    padded = np.pad(x, [(0, 0), (0, 0), *[(pads[i], pads[i + rank]) for i in range(rank)]],
+                    constant_values=pad_value) if any(pads) else x
+    cols = np.empty((n, c, *kernel, *out), x.dtype)
+    for offsets, view in strided_views(padded, kernel, strides, dilations, out):
+        key: tuple[slice | int, ...] = (slice(None), slice(None), *(int(o) for o in offsets))
+        cols[key] = view
+    return cols.reshape(n, c, int(np.prod(kernel)), -1), out

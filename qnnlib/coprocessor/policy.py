@@ -16,7 +16,7 @@ zero point ``z``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,21 +32,51 @@ def scale_factor(s_x: np.ndarray | float, s_w: np.ndarray | float, s_y: np.ndarr
     return (prod.astype(np.float32) / np.asarray(s_y, np.float32)).astype(np.float32)
 
 
-def requantize(acc: np.ndarray, m: np.ndarray, zero_point: int, dtype: np.dtype, policy: str) -> np.ndarray:
-    """``acc`` (exact integer values, any float or int array) to ``dtype`` by ``policy`` (module docstring).
+@dataclass(frozen=True)
+class Requantizer:
+    """One layer's requantisation by a policy (module docstring), its factors prepared once.
 
-    ``m`` broadcasts against ``acc`` (a scalar, or per channel shaped for axis 1).
+    ``m`` broadcasts against the accumulator (a scalar, or per channel shaped for its axis).
     """
-    info = np.iinfo(dtype)
-    if policy == "ort-exact":
-        scaled = acc.astype(np.float32) * np.asarray(m, np.float32)
-        clipped = np.clip(scaled, np.float32(info.min - zero_point), np.float32(info.max - zero_point))
-        return (np.rint(clipped) + np.float32(zero_point)).astype(dtype)
-    if policy == "q31":
-        return _shifted(acc, np.asarray(m, np.float64), zero_point, dtype, pair=fixed_point)
-    if policy == "pot":
-        return _shifted(acc, np.asarray(m, np.float64), zero_point, dtype, pair=_power_of_two)
-    raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
+
+    policy: str
+    zero_point: int
+    dtype: np.dtype
+    factor: np.ndarray
+    multiplier: np.ndarray
+    shift: np.ndarray
+
+    @classmethod
+    def compile(cls, m: np.ndarray, zero_point: int, dtype: np.dtype, policy: str) -> Requantizer:
+        """Prepare ``m``: float32 for ``ort-exact``, integer multiplier and shift for ``q31`` and ``pot``."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
+        m = np.asarray(m)
+        pair = _power_of_two if policy == "pot" else fixed_point
+        pairs = [pair(float(v)) for v in m.reshape(-1)] if policy != "ort-exact" else []
+        multiplier = np.array([p[0] for p in pairs], np.int64).reshape(m.shape) if pairs else np.zeros(())
+        shift = np.array([p[1] for p in pairs], np.int64).reshape(m.shape) if pairs else np.zeros(())
+        return cls(policy, int(zero_point), np.dtype(dtype), m.astype(np.float32), multiplier, shift)
+
+    def __call__(self, acc: np.ndarray) -> np.ndarray:
+        """``acc`` (exact integer values, float or int) on the output's integer grid."""
+        info = np.iinfo(self.dtype)
+        if self.policy == "ort-exact":
+            scaled = acc.astype(np.float32) * self.factor
+            np.clip(scaled, np.float32(info.min - self.zero_point), np.float32(info.max - self.zero_point), out=scaled)
+            np.rint(scaled, out=scaled)
+            scaled += np.float32(self.zero_point)
+            return scaled.astype(self.dtype)
+        product = np.rint(acc).astype(np.int64) * self.multiplier
+        right = np.maximum(self.shift, 0)
+        rounding = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+        shifted = np.where(self.shift >= 0, (product + rounding) >> right, product << np.maximum(-self.shift, 0))
+        return np.clip(shifted + self.zero_point, info.min, info.max).astype(self.dtype)
+
+
+def requantize(acc: np.ndarray, m: np.ndarray, zero_point: int, dtype: np.dtype, policy: str) -> np.ndarray:
+    """``acc`` to ``dtype`` by ``policy`` with factor ``m`` (:class:`Requantizer`, compiled for one call)."""
+    return Requantizer.compile(m, zero_point, dtype, policy)(acc)
 
 
 def _power_of_two(m: float) -> tuple[int, int]:
@@ -54,19 +84,3 @@ def _power_of_two(m: float) -> tuple[int, int]:
     if m <= 0 or not math.isfinite(m):
         return 0, 0
     return 1, -round(math.log2(m))
-
-
-def _shifted(acc: np.ndarray, m: np.ndarray, zero_point: int, dtype: np.dtype, *,
-             pair: Callable[[float], tuple[int, int]]) -> np.ndarray:
-    """``clip(round_half_up(acc * M >> shift) + z)`` with ``(M, shift) = pair(m)`` per factor."""
-    info = np.iinfo(dtype)
-    values = np.asarray(acc)
-    flat = m.reshape(-1)
-    pairs = [pair(float(v)) for v in flat]
-    mult = np.array([p[0] for p in pairs], np.int64).reshape(m.shape)
-    shift = np.array([p[1] for p in pairs], np.int64).reshape(m.shape)
-    product = np.rint(values).astype(np.int64) * mult
-    right = np.maximum(shift, 0)
-    rounding = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
-    shifted = np.where(shift >= 0, (product + rounding) >> right, product << np.maximum(-shift, 0))
-    return np.clip(shifted + zero_point, info.min, info.max).astype(dtype)

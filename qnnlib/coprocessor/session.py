@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qnnlib.coprocessor.ops import CONSTANT_INPUTS, KERNELS, Kernel
+from qnnlib.coprocessor.ops import KERNELS, Compiled, refusal
 from qnnlib.coprocessor.policy import POLICIES
 from qnnlib.emit.integer import MOVES, to_integer
-from qnnlib.errors import ConfigError, InputError
+from qnnlib.errors import ConfigError, InputError, UnsupportedModelError
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, load_model, make_session
 
@@ -59,7 +59,7 @@ class _Segment:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     session: Any = None
-    kernels: list[tuple[onnx.NodeProto, Kernel, dict[str, Any]]] = field(default_factory=list)
+    kernels: list[tuple[onnx.NodeProto, Compiled]] = field(default_factory=list)
 
 
 class InferenceSession:
@@ -78,7 +78,15 @@ class InferenceSession:
         index = GraphIndex(proto)
         self._constants = {t.name: index.constant(t.name) for t in proto.graph.initializer}
         self._types = _tensor_types(proto, index)
-        self._segments = _segments(index, self._constants)
+        self._refusals = {_name(n): refusal(n, _attributes(n), self._constants, self._types) for n in index.nodes}
+        _keep_qdq_units_together(index, self._refusals)
+        if index.nodes and all(self._refusals.values()):
+            reasons = "; ".join(f"{name}: {why}" for name, why in list(self._refusals.items())[:8])
+            raise UnsupportedModelError(
+                f"the coprocessor can run none of the model's {len(index.nodes)} nodes ({reasons}"
+                f"{'; ...' if len(index.nodes) > 8 else ''}). It runs quantized layers: quantize the model with "
+                "qnnlib.quantize first, or run it in onnxruntime.InferenceSession")
+        self._segments = _segments(index, self._refusals)
         produced_later: set[str] = {o.name for o in proto.graph.output}
         for segment in reversed(self._segments):
             made = {o for n in segment.nodes for o in n.output if o}
@@ -88,12 +96,17 @@ class InferenceSession:
             produced_later |= set(segment.inputs)
         for segment in self._segments:
             if segment.place == CPU:
-                segment.session = make_session(self._sub_model(segment), log_errors_as="CPU part of the model")
-            else:  # compile: each node's kernel and attributes, once
-                segment.kernels = [(n, KERNELS[n.op_type], {a.name: helper.get_attribute_value(a) for a in n.attribute})
-                                   for n in segment.nodes]
+                # one thread: a pool spinning after each short run would take the cores from the coprocessor's GEMMs
+                segment.session = make_session(self._sub_model(segment), threads=1,
+                                               log_errors_as="CPU part of the model")
+            else:  # compile: each node's kernel with its constants bound, once
+                segment.kernels = [(n, self._compile(n)) for n in segment.nodes]
         self._inputs = [_arg(v) for v in proto.graph.input if v.name not in self._constants]
         self._outputs = [_arg(v) for v in proto.graph.output]
+
+    def _compile(self, node: onnx.NodeProto) -> Compiled:
+        return KERNELS[node.op_type](_attributes(node), [self._constants.get(t) if t else None for t in node.input],
+                                     self.policy)
 
     def _sub_model(self, segment: _Segment) -> onnx.ModelProto:
         needed = {t for n in segment.nodes for t in n.input}
@@ -118,7 +131,11 @@ class InferenceSession:
 
     def placement(self) -> dict[str, str]:
         """Each node (by name, else its first output) and where it runs: ``"coprocessor"`` or the CPU provider."""
-        return {n.name or n.output[0]: s.place for s in self._segments for n in s.nodes}
+        return {_name(n): s.place for s in self._segments for n in s.nodes}
+
+    def fallbacks(self) -> dict[str, str]:
+        """Each node that runs on the CPU provider (by name, else its first output) and why the coprocessor cannot."""
+        return {name: why for name, why in self._refusals.items() if why}
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any],
             run_options: Any = None) -> list[np.ndarray]:
@@ -133,30 +150,50 @@ class InferenceSession:
                 got = segment.session.run(segment.outputs, {t: values[t] for t in segment.inputs}, run_options)
                 values.update(zip(segment.outputs, got, strict=True))
                 continue
-            for node, kernel, attrs in segment.kernels:
+            for node, compiled in segment.kernels:
                 args = [None if not t else self._constants.get(t, values.get(t)) for t in node.input]
-                values.update(zip(node.output, kernel(attrs, args, self.policy), strict=True))
+                values.update(zip(node.output, compiled(args), strict=True))
         unknown = [n for n in names if n not in values]
         if unknown:
             raise InputError(f"unknown outputs {unknown}; the model gives {[o.name for o in self._outputs]}")
         return [values[n] for n in names]
 
 
-def _claimed(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
-    if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in KERNELS:
-        return False
-    return all(i >= len(node.input) or not node.input[i] or node.input[i] in constants
-               for i in CONSTANT_INPUTS.get(node.op_type, ()))
-
-
-def _segments(index: GraphIndex, constants: Mapping[str, np.ndarray]) -> list[_Segment]:
+def _segments(index: GraphIndex, refusals: Mapping[str, str | None]) -> list[_Segment]:
     segments: list[_Segment] = []
     for node in index.nodes:
-        place = COPROCESSOR if _claimed(node, constants) else CPU
+        place = CPU if refusals[_name(node)] else COPROCESSOR
         if not segments or segments[-1].place != place:
             segments.append(_Segment(place, []))
         segments[-1].nodes.append(node)
     return segments
+
+
+def _keep_qdq_units_together(index: GraphIndex, refusals: dict[str, str | None]) -> None:
+    """Send the DequantizeLinear nodes feeding a CPU node, and the QuantizeLinear nodes it feeds, to the CPU too.
+
+    onnxruntime fuses ``DequantizeLinear -> op -> QuantizeLinear`` into one integer kernel (a
+    QLinearSoftmax, say); split across the border, its float op would run alone and round otherwise.
+    """
+    for node in index.nodes:
+        if not refusals[_name(node)] or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for tensor in node.input:
+            producer = index.producer(tensor) if tensor else None
+            if producer is not None and producer.op_type == "DequantizeLinear" and not refusals[_name(producer)]:
+                refusals[_name(producer)] = f"feeds {_name(node)}, which runs on the CPU provider"
+        for tensor in node.output:
+            for consumer in index.consumers(tensor):
+                if consumer.op_type == "QuantizeLinear" and not refusals[_name(consumer)]:
+                    refusals[_name(consumer)] = f"quantizes the output of {_name(node)}, which runs on the CPU provider"
+
+
+def _name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _tensor_types(model: onnx.ModelProto, index: GraphIndex) -> dict[str, int]:
