@@ -44,7 +44,8 @@ def qlinear_add(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
 
     ort-exact, as MLAS's AVX2 kernel: ``rint(fma(a, r_a, fma(b, r_b, F)))``, clipped, with
     ``r_a = f32(s_a / s_c)``, ``r_b = f32(s_b / s_c)``, ``F = f32(z_c - fma(z_a, r_a, f32(r_b z_b)))``
-    (the compiler contracts MLAS's ``r_a z_a + r_b z_b``) and ``fma`` rounding once; a one-element input is folded into ``F`` first: ``F + f32(b r_b)``.
+    (the compiler contracts MLAS's ``r_a z_a + r_b z_b``) and ``fma`` rounding once; a one-element
+    input is folded into ``F`` first: ``F + f32(b r_b)``.
     q31/pot: ``acc = (a - z_a) M_a + (b - z_b) M_b`` with ``M = r * 2**20`` (rounded; a power of two
     under pot) and ``acc * 2**-20`` requantised.
     """
