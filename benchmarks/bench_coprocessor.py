@@ -7,7 +7,7 @@ onnxruntime (CPU provider, default options) and by ``qnnlib.coprocessor.Inferenc
 each policy. Printed per policy: the coprocessor's claimed nodes; differing elements at every
 claimed (integer) tensor against onnxruntime on the same model, over the first 2 held-out inputs;
 the task metric against the float model on the held-out inputs (onnxruntime's own in the first
-line); and latency (median of interleaved single-input runs after a warm-up) as a ratio to
+line); and latency (median of single-input runs in alternating blocks, :func:`_latency`) as a ratio to
 onnxruntime's on the same integer model. The issue's targets: 0 differing elements under
 ``ort-exact``; latency within 3x of onnxruntime.
 """
@@ -32,7 +32,9 @@ from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import load_model, make_session
 
 CALIB = 32
-LATENCY_RUNS = 5
+LATENCY_BLOCKS = 3
+BLOCK_RUNS = 5
+PAUSE_S = 0.2
 
 
 def bench_model(name: str, held: int) -> dict[str, Any]:
@@ -48,8 +50,8 @@ def bench_model(name: str, held: int) -> dict[str, Any]:
                            "policies": {}}
     for policy in POLICIES:
         session = InferenceSession(integer, policy=policy)
-        placement = session.placement()
-        claimed = [n.output[0] for n in integer.graph.node if placement[n.name or n.output[0]] == COPROCESSOR]
+        on_coprocessor = sum(place == COPROCESSOR for place in session.placement().values())
+        claimed = session.coprocessor_outputs()
         probe = make_session(with_outputs(integer, claimed))
         differing = total = 0
         for f in feeds[:2]:
@@ -58,24 +60,30 @@ def bench_model(name: str, held: int) -> dict[str, Any]:
                 total += want.size
         metric = task.metric(reference, [session.run(None, f) for f in feeds])
         ours, theirs = _latency(session, ort_session, feeds[0])
-        row["policies"][policy] = {"claimed": len(claimed), "nodes": len(integer.graph.node), "differing": differing,
+        row["policies"][policy] = {"claimed": on_coprocessor, "nodes": len(integer.graph.node), "differing": differing,
                                    "elements": total, "metric": metric, "latency_ms": ours * 1000,
                                    "onnxruntime_ms": theirs * 1000, "latency_ratio": ours / theirs}
     return row
 
 
 def _latency(ours: Any, theirs: Any, feed: dict[str, np.ndarray]) -> tuple[float, float]:
-    ours.run(None, feed)
-    theirs.run(None, feed)
-    a, b = [], []
-    for _ in range(LATENCY_RUNS):
-        start = time.perf_counter()
-        ours.run(None, feed)
-        a.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        theirs.run(None, feed)
-        b.append(time.perf_counter() - start)
-    return float(np.median(a)), float(np.median(b))
+    """Median single-input latency of each session after a warm-up, measured in alternating blocks.
+
+    Runs of the two sessions are not interleaved one by one: onnxruntime's thread pool spins for a
+    while after each run and would take the cores from the next run of the other session. A pause
+    before each block lets it go idle.
+    """
+    times: list[list[float]] = [[], []]
+    for session in (ours, theirs):
+        session.run(None, feed)
+    for _ in range(LATENCY_BLOCKS):
+        for which, session in enumerate((ours, theirs)):
+            time.sleep(PAUSE_S)
+            for _ in range(BLOCK_RUNS):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[which].append(time.perf_counter() - start)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def fmt(row: dict[str, Any]) -> str:

@@ -35,8 +35,7 @@ def test_ort_exact_equals_onnxruntime_at_every_claimed_tensor(quantised) -> None
     result, feeds = quantised
     integer = result.integer_model()
     session = InferenceSession(integer, policy="ort-exact")
-    placement = session.placement()
-    claimed = [n.output[0] for n in integer.graph.node if placement[n.name or n.output[0]] == COPROCESSOR]
+    claimed = session.coprocessor_outputs()
     assert claimed, "nothing was claimed"
     outputs = [o.name for o in session.get_outputs()]
     reference = ort_session(with_outputs(integer, claimed))
@@ -245,3 +244,46 @@ def test_a_node_without_a_kernel_falls_back_to_the_cpu_and_the_listing_says_why(
     assert set(fallbacks) == {name for name, place in placement.items() if place == CPU}
     assert all(isinstance(why, str) and why for why in fallbacks.values())
     assert COPROCESSOR in placement.values()
+
+
+def _chain_model() -> onnx.ModelProto:
+    """uint8 -> DequantizeLinear -> x * sigmoid(x) -> QuantizeLinear, and -> HardSwish -> QuantizeLinear."""
+    nodes = [
+        helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["x"], name="dq"),
+        helper.make_node("Sigmoid", ["x"], ["sig"], name="sigmoid"),
+        helper.make_node("Mul", ["x", "sig"], ["swish"], name="mul"),
+        helper.make_node("QuantizeLinear", ["swish", "sc", "zc"], ["y"], name="q"),
+        helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["x2"], name="dq2"),
+        helper.make_node("HardSwish", ["x2"], ["hs"], name="hardswish"),
+        helper.make_node("QuantizeLinear", ["hs", "sc", "zc"], ["y2"], name="q2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, list(_X.shape))],
+        [helper.make_tensor_value_info(o, TensorProto.UINT8, None) for o in ("y", "y2")],
+        [numpy_helper.from_array(_Q[k], k) for k in ("sa", "za", "sc", "zc")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("policy", ["ort-exact", "q31"])
+def test_elementwise_chains_run_as_lookup_tables_equal_to_onnxruntime(policy: str) -> None:
+    model = _chain_model()
+    session = InferenceSession(model, policy=policy)
+    assert sorted(session.lookup_tables().values()) == [("dq", "sigmoid", "mul", "q"), ("dq2", "hardswish", "q2")]
+    assert set(session.placement()) == {n.name for n in model.graph.node}
+    assert set(session.placement().values()) == {COPROCESSOR}
+    for want, got in zip(ort_session(model).run(None, {"a": _X}), session.run(None, {"a": _X}), strict=True):
+        np.testing.assert_array_equal(want, got)
+    with pytest.raises(InputError, match="coprocessor_outputs"):
+        session.run(["sig"], {"a": _X})
+
+
+def test_a_chain_whose_float_tensor_is_read_elsewhere_is_not_a_table() -> None:
+    model = _chain_model()
+    model.graph.output.append(helper.make_tensor_value_info("sig", TensorProto.FLOAT, None))
+    session = InferenceSession(model)
+    assert [members[0] for members in session.lookup_tables().values()] == ["dq2"]
+    want = ort_session(model).run(None, {"a": _X})
+    for w, g in zip(want, session.run(None, {"a": _X}), strict=True):
+        np.testing.assert_array_equal(w, g)

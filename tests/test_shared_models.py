@@ -93,15 +93,13 @@ def test_float16_squeezenet_keeps_float16_io() -> None:
 @pytest.mark.parametrize("name", sorted(INTEGER_CASES))
 def test_real_model_on_the_coprocessor_is_bit_exact(name: str) -> None:
     from qnnlib.coprocessor import InferenceSession
-    from qnnlib.coprocessor.session import COPROCESSOR
     from qnnlib.graph.edit import with_outputs
     from tests.conftest import session as ort_session
 
     input_name, shape, scale, offset, convs = INTEGER_CASES[name]
     integer = qnnlib.quantize(shared_model(name), _feeds(shape, 8, scale=scale, offset=offset)).integer_model()
     ours = InferenceSession(integer)
-    placement = ours.placement()
-    claimed = [n.output[0] for n in integer.graph.node if placement[n.name or n.output[0]] == COPROCESSOR]
+    claimed = ours.coprocessor_outputs()
     assert len(claimed) >= convs
     reference = ort_session(with_outputs(integer, claimed))
     x = _feeds(shape, 1, scale=scale, offset=offset, seed=4)[0]

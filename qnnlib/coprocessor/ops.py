@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qnnlib.coprocessor import pointwise
+from qnnlib.coprocessor import lookup, pointwise
 from qnnlib.coprocessor.kernels import ExactProduct, PairSaturation, im2col, pair_axes, pairs_saturate
 from qnnlib.coprocessor.policy import Requantizer, scale_factor
 
@@ -253,6 +253,7 @@ KERNELS: dict[str, Kernel] = {
     "Flatten": pointwise.flatten,
     "Squeeze": pointwise.squeeze,
     "Unsqueeze": pointwise.unsqueeze,
+    lookup.OP_TYPE: lookup.lookup,
 }
 #: Ops that run on the coprocessor only when their (first) input is an 8-bit integer tensor.
 ON_INTEGERS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "DequantizeLinear")
@@ -265,6 +266,7 @@ _CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
     "QLinearAdd": (1, 2, 4, 5, 6, 7), "QLinearMul": (1, 2, 4, 5, 6, 7),
     "QLinearGlobalAveragePool": (1, 2, 3, 4), "QLinearAveragePool": (1, 2, 3, 4),
     "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "Reshape": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
+    lookup.OP_TYPE: (1,),
 }
 
 
@@ -279,7 +281,7 @@ def refusal(node: onnx.NodeProto, attrs: dict[str, Any], constants: Mapping[str,
             types: Mapping[str, int]) -> str | None:
     """Why the coprocessor cannot run ``node`` (None when it can)."""
     op = node.op_type
-    if node.domain not in ("", "ai.onnx", "com.microsoft") or op not in KERNELS:
+    if node.domain not in ("", "ai.onnx", "com.microsoft", lookup.DOMAIN) or op not in KERNELS:
         return f"no coprocessor kernel for {node.domain + '.' if node.domain else ''}{op}"
     missing = [node.input[i] for i in constant_inputs(node) if i < len(node.input) and node.input[i]
                and node.input[i] not in constants]

@@ -127,7 +127,7 @@ def qlinear_concat(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compil
         if x_scale == y_scale and x_zero == y_zero:
             maps.append(None)
         elif policy == "ort-exact":
-            x_dtype = np.dtype(_first(consts[i + 2:]).dtype)
+            x_dtype = np.dtype(first(consts[i + 2:]).dtype)
             maps.append(_dequantising_table(x_scale, x_zero, x_dtype, y_scale=y_scale, y_zero=y_zero, y_dtype=yz.dtype))
         else:
             requant = Requantizer.compile(np.asarray(x_scale / y_scale), y_zero, yz.dtype, policy)
@@ -283,7 +283,8 @@ def _along(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _first(ins: Arrays) -> np.ndarray:
+def first(ins: Arrays) -> np.ndarray:
+    """The first input, which every operator here needs."""
     x = ins[0]
     assert x is not None
     return x
@@ -307,7 +308,7 @@ def reshape(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
 def transpose(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
     """Transpose by ``perm`` (reversed axes by default)."""
     perm = attrs.get("perm")
-    return lambda ins: [np.ascontiguousarray(np.transpose(_first(ins), perm))]
+    return lambda ins: [np.ascontiguousarray(np.transpose(first(ins), perm))]
 
 
 def flatten(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
@@ -326,14 +327,14 @@ def flatten(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
 def squeeze(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
     """Squeeze the constant ``axes`` (input from opset 13, attribute before; all unit axes without)."""
     axes = _axes(attrs, consts)
-    return lambda ins: [np.squeeze(_first(ins), axis=axes)]
+    return lambda ins: [np.squeeze(first(ins), axis=axes)]
 
 
 def unsqueeze(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
     """Unsqueeze at the constant ``axes``."""
     axes = _axes(attrs, consts)
     assert axes is not None
-    return lambda ins: [np.expand_dims(_first(ins), axis=axes)]
+    return lambda ins: [np.expand_dims(first(ins), axis=axes)]
 
 
 def _axes(attrs: dict[str, Any], consts: Arrays) -> tuple[int, ...] | None:

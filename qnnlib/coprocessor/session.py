@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qnnlib.coprocessor import lookup
 from qnnlib.coprocessor.ops import KERNELS, Compiled, refusal
 from qnnlib.coprocessor.policy import POLICIES
 from qnnlib.emit.integer import MOVES, to_integer
@@ -73,7 +74,7 @@ class InferenceSession:
         if policy not in POLICIES:
             raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
-        proto = to_integer(load_model(model)).model
+        proto, self._tables = lookup.fuse(to_integer(load_model(model)).model)
         self._model = proto
         index = GraphIndex(proto)
         self._constants = {t.name: index.constant(t.name) for t in proto.graph.initializer}
@@ -130,8 +131,26 @@ class InferenceSession:
         return list(self._outputs)
 
     def placement(self) -> dict[str, str]:
-        """Each node (by name, else its first output) and where it runs: ``"coprocessor"`` or the CPU provider."""
-        return {_name(n): s.place for s in self._segments for n in s.nodes}
+        """Each node (by name, else its first output) and where it runs: ``"coprocessor"`` or the CPU provider.
+
+        The nodes of a chain run as one lookup table (:meth:`lookup_tables`) are listed one by one.
+        """
+        return {member: s.place for s in self._segments for n in s.nodes
+                for member in self._tables.get(_name(n), (_name(n),))}
+
+    def coprocessor_outputs(self) -> list[str]:
+        """The tensors the coprocessor computes, in graph order: what :meth:`run` can fetch besides the outputs.
+
+        A lookup table's inner float tensors are not among them: it computes only its 8-bit output.
+        """
+        return [o for s in self._segments if s.place == COPROCESSOR for n in s.nodes for o in n.output if o]
+
+    def lookup_tables(self) -> dict[str, tuple[str, ...]]:
+        """Each lookup table the compile step made and the nodes it replaced (:mod:`qnnlib.coprocessor.lookup`).
+
+        Only the last node's output (the 8-bit one) exists at run time.
+        """
+        return dict(self._tables)
 
     def fallbacks(self) -> dict[str, str]:
         """Each node that runs on the CPU provider (by name, else its first output) and why the coprocessor cannot."""
@@ -155,7 +174,8 @@ class InferenceSession:
                 values.update(zip(node.output, compiled(args), strict=True))
         unknown = [n for n in names if n not in values]
         if unknown:
-            raise InputError(f"unknown outputs {unknown}; the model gives {[o.name for o in self._outputs]}")
+            raise InputError(f"unknown outputs {unknown}; the model gives {[o.name for o in self._outputs]}, and "
+                             "coprocessor_outputs() lists the intermediate tensors it can fetch")
         return [values[n] for n in names]
 
 
