@@ -187,3 +187,30 @@ def im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilatio
         key: tuple[slice | int, ...] = (slice(None), slice(None), *(int(o) for o in offsets))
         cols[key] = view
     return cols.reshape(n, c, int(np.prod(kernel)), -1), out
+
+
+def depthwise_accumulate(x: np.ndarray, x_zero: int, weights: np.ndarray, *, strides: Sequence[int],
+                         dilations: Sequence[int], pads: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``sum_k (x - z_x)[shifted by k] * w[c, k]`` of a depthwise convolution: (N, C, positions) float32, out dims.
+
+    ``weights`` (C, *kernel) are centred. Each kernel offset adds one strided view of the padded,
+    centred input times a per-channel weight: no patch matrix. Exact in float32: every partial sum
+    is at most ``prod(kernel) * 255 * 255``, far below ``2**24`` for the kernels networks use.
+    """
+    kernel = weights.shape[1:]
+    rank = len(kernel)
+    n, c = x.shape[:2]
+    out = tuple(output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]))
+                for i in range(rank))
+    centred = x.astype(np.float32)
+    if x_zero:
+        centred -= np.float32(x_zero)
+    padded = np.pad(centred, [(0, 0), (0, 0), *[(pads[i], pads[i + rank]) for i in range(rank)]]) if any(pads) \
+        else centred
+    acc = np.zeros((n, c, *out), np.float32)
+    term = np.empty_like(acc)
+    per_kernel_offset = weights.reshape(c, -1).T.reshape(-1, 1, c, *([1] * rank))  # (kk, 1, C, 1...)
+    for k, (_, view) in enumerate(strided_views(padded, kernel, strides, dilations, out)):
+        np.multiply(view, per_kernel_offset[k], out=term)
+        acc += term
+    return acc.reshape(n, c, -1), out

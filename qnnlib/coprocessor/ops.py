@@ -16,7 +16,14 @@ import numpy as np
 import onnx
 
 from qnnlib.coprocessor import lookup, pointwise
-from qnnlib.coprocessor.kernels import ExactProduct, PairSaturation, im2col, pair_axes, pairs_saturate
+from qnnlib.coprocessor.kernels import (
+    ExactProduct,
+    PairSaturation,
+    depthwise_accumulate,
+    im2col,
+    pair_axes,
+    pairs_saturate,
+)
 from qnnlib.coprocessor.policy import Requantizer, scale_factor
 
 Arrays = Sequence[np.ndarray | None]
@@ -90,7 +97,8 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
 
     Padded positions hold ``z_x``, so they add nothing. With ``G`` groups of ``C_g`` input and
     ``M_g`` output channels, the product is one batched GEMM of (G, M_g, C_g * k) weights with
-    (N, G, C_g * k, positions) patches (a depthwise layer, ``C_g = M_g = 1``, a sum over the kernel).
+    (N, G, C_g * k, positions) patches (a depthwise layer, ``C_g = M_g = 1``: a sum over kernel
+    offsets of shifted inputs times one weight per channel, :func:`depthwise_accumulate`).
     """
     _, xs, xz, w, ws, wz, ys, yz = consts[:8]
     assert xs is not None and xz is not None and w is not None and ws is not None and wz is not None
@@ -107,7 +115,7 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
     centred = (w.astype(np.int32) - np.asarray(wz, np.int32).reshape(-1, *([1] * (w.ndim - 1))))
     product = ExactProduct.compile(centred.reshape(group, m_group, c_group * kk), _input_range(xz))
     depthwise = c_group == 1 and m_group == 1 and group > 1
-    dw_weights = centred.reshape(group, kk, 1).astype(np.float32) if depthwise else None
+    dw_weights = centred.reshape(group, *kernel).astype(np.float32) if depthwise else None
     saturation = None
     if _saturates(xz, w, wz, policy) and c_group > 1:
         dense = np.zeros((m_out, group, c_group, kk), np.int8)
@@ -123,12 +131,14 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
         assert x is not None
         n = x.shape[0]
         pads = _spatial_pads(attrs, x, kernel, strides, dilations)
-        raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)  # (N, C, kk, P)
-        patches = raw.astype(np.float32)
-        if x_zero:
-            patches -= np.float32(x_zero)
-        patches = patches.reshape(n, group, c_group * kk, -1)
-        acc = (patches * dw_weights).sum(axis=2) if dw_weights is not None else product(patches).reshape(n, m_out, -1)
+        if dw_weights is not None:
+            acc, out = depthwise_accumulate(x, x_zero, dw_weights, strides=strides, dilations=dilations, pads=pads)
+        else:
+            raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)  # (N, C, kk, P)
+            patches = raw.astype(np.float32)
+            if x_zero:
+                patches -= np.float32(x_zero)
+            acc = product(patches.reshape(n, group, c_group * kk, -1)).reshape(n, m_out, -1)
         if saturation is not None:
             saturation.add_to(acc.reshape(n, m_out, -1), *pair_axes(raw.reshape(n, group, c_group, kk, -1), 2))
         if bias_col is not None:
