@@ -74,11 +74,6 @@ class Requantizer:
         return np.clip(shifted + self.zero_point, info.min, info.max).astype(self.dtype)
 
 
-def requantize(acc: np.ndarray, m: np.ndarray, zero_point: int, dtype: np.dtype, policy: str) -> np.ndarray:
-    """``acc`` to ``dtype`` by ``policy`` with factor ``m`` (:class:`Requantizer`, compiled for one call)."""
-    return Requantizer.compile(m, zero_point, dtype, policy)(acc)
-
-
 def _power_of_two(m: float) -> tuple[int, int]:
     """``(1, k)`` with ``2**-k`` the power of two nearest ``m`` in log2 (``(0, 0)`` for ``m <= 0``)."""
     if m <= 0 or not math.isfinite(m):
