@@ -12,8 +12,9 @@ section 9).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -156,15 +157,30 @@ def output_size(size: int, kernel: int, stride: int, dilation: int, pads: tuple[
     return out - 1 if ceil and (out - 1) * stride >= size + pad_begin else out
 
 
-def strided_views(padded: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
-                  out: Sequence[int]) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """For each kernel offset, the view of ``padded`` (N, C, *spatial) it multiplies at every output position."""
+def sliding_windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+                    pads: Sequence[int], *, fill: Any = 0, ceil: bool = False
+                    ) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], tuple[int, ...]]:
+    """For each kernel offset, the strided view of ``x`` (N, C, *spatial) it reads at every output position.
+
+    ``x`` is padded with ``fill``; ``pads`` is ONNX's ``[begin_0, ..., begin_k, end_0, ..., end_k]``,
+    and with ``ceil`` (pooling's ``ceil_mode``) the end padding grows to what the last window reads.
+    Returns the (offsets, view) pairs and the output's spatial dims.
+    """
     rank = len(kernel)
+    spatial = x.shape[2:]
+    out = tuple(output_size(spatial[i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]), ceil=ceil)
+                for i in range(rank))
+    end = [max(pads[i + rank], (out[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - spatial[i] - pads[i])
+           for i in range(rank)]
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(pads[:rank], end, strict=True)], constant_values=fill) \
+        if any(pads[:rank]) or any(end) else x
+    views = []
     for offsets in np.ndindex(*kernel):
         index = tuple(slice(offsets[i] * dilations[i], offsets[i] * dilations[i] + strides[i] * (out[i] - 1) + 1,
                             strides[i]) for i in range(rank))
         key = (slice(None), slice(None), *index)
-        yield offsets, padded[key]
+        views.append((offsets, padded[key]))
+    return views, out
 
 
 def im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
@@ -175,15 +191,11 @@ def im2col(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilatio
     strides and no padding is a reshape, not a copy.
     """
     n, c = x.shape[:2]
-    rank = len(kernel)
-    out = tuple(output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]))
-                for i in range(rank))
     if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
-        return x.reshape(n, c, 1, -1), out
-    padded = np.pad(x, [(0, 0), (0, 0), *[(pads[i], pads[i + rank]) for i in range(rank)]],
-                    constant_values=pad_value) if any(pads) else x
+        return x.reshape(n, c, 1, -1), tuple(x.shape[2:])
+    views, out = sliding_windows(x, kernel, strides, dilations, pads, fill=pad_value)
     cols = np.empty((n, c, *kernel, *out), x.dtype)
-    for offsets, view in strided_views(padded, kernel, strides, dilations, out):
+    for offsets, view in views:
         key: tuple[slice | int, ...] = (slice(None), slice(None), *(int(o) for o in offsets))
         cols[key] = view
     return cols.reshape(n, c, int(np.prod(kernel)), -1), out
@@ -198,19 +210,15 @@ def depthwise_accumulate(x: np.ndarray, x_zero: int, weights: np.ndarray, *, str
     is at most ``prod(kernel) * 255 * 255``, far below ``2**24`` for the kernels networks use.
     """
     kernel = weights.shape[1:]
-    rank = len(kernel)
     n, c = x.shape[:2]
-    out = tuple(output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]))
-                for i in range(rank))
     centred = x.astype(np.float32)
     if x_zero:
         centred -= np.float32(x_zero)
-    padded = np.pad(centred, [(0, 0), (0, 0), *[(pads[i], pads[i + rank]) for i in range(rank)]]) if any(pads) \
-        else centred
+    views, out = sliding_windows(centred, kernel, strides, dilations, pads)
     acc = np.zeros((n, c, *out), np.float32)
     term = np.empty_like(acc)
-    per_kernel_offset = weights.reshape(c, -1).T.reshape(-1, 1, c, *([1] * rank))  # (kk, 1, C, 1...)
-    for k, (_, view) in enumerate(strided_views(padded, kernel, strides, dilations, out)):
+    per_kernel_offset = weights.reshape(c, -1).T.reshape(-1, 1, c, *([1] * len(kernel)))  # (kk, 1, C, 1...)
+    for k, (_, view) in enumerate(views):
         np.multiply(view, per_kernel_offset[k], out=term)
         acc += term
     return acc.reshape(n, c, -1), out

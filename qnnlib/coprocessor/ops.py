@@ -24,11 +24,10 @@ from qnnlib.coprocessor.kernels import (
     pair_axes,
     pairs_saturate,
 )
+from qnnlib.coprocessor.pointwise import Arrays, Compiled
 from qnnlib.coprocessor.policy import Requantizer, scale_factor
+from qnnlib.emit.integer import EIGHT_BIT, MOVES
 
-Arrays = Sequence[np.ndarray | None]
-#: A node compiled for the coprocessor: its input arrays (constants included) to its outputs.
-Compiled = Callable[[Arrays], list[np.ndarray]]
 #: Compiles a node from its attributes, its constant inputs (None for what arrives at run time) and the policy.
 Kernel = Callable[[dict[str, Any], Arrays, str], Compiled]
 
@@ -266,8 +265,7 @@ KERNELS: dict[str, Kernel] = {
     lookup.OP_TYPE: lookup.lookup,
 }
 #: Ops that run on the coprocessor only when their (first) input is an 8-bit integer tensor.
-ON_INTEGERS = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "DequantizeLinear")
-EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+ON_INTEGERS = (*MOVES, "DequantizeLinear")
 
 
 #: Inputs that must be constants for a claim (weights, scales, zero points, shapes, axes), per op type.

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from qnnlib.coprocessor.kernels import output_size, strided_views
-from qnnlib.coprocessor.policy import Requantizer
+from qnnlib.coprocessor.kernels import sliding_windows
+from qnnlib.coprocessor.policy import Requantizer, power_of_two
 
 Arrays = Sequence[np.ndarray | None]
+#: A node compiled for the coprocessor: its input arrays (constants included) to its outputs.
 Compiled = Callable[[Arrays], list[np.ndarray]]
 f32 = np.float32
 #: Fractional bits of the integer accumulator of Add under q31 and pot (TFLite's choice).
@@ -88,8 +89,11 @@ def _fma(x: np.ndarray, r: np.float32, t: np.ndarray | np.float32) -> np.ndarray
 
 
 def _integer_factor(r: float, policy: str) -> float:
-    """``r`` as the device applies it: itself (q31) or the power of two nearest in log2 (pot)."""
-    return float(2.0 ** round(np.log2(r))) if policy == "pot" and r > 0 else r
+    """``r`` as the device applies it: itself (q31) or the power of two nearest in log2 (pot's rounding)."""
+    if policy != "pot" or r <= 0:
+        return r
+    multiplier, shift = power_of_two(r)
+    return multiplier * 2.0**-shift
 
 
 def qlinear_mul(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
@@ -183,17 +187,10 @@ def _windows(x: np.ndarray, attrs: dict[str, Any], fill: Any) -> list[np.ndarray
     """The strided views of ``x`` (N, C, *spatial) at every kernel offset of a pooling window, padded with ``fill``."""
     kernel = list(attrs["kernel_shape"])
     rank = len(kernel)
-    strides = list(attrs.get("strides", [1] * rank))
-    dilations = list(attrs.get("dilations", [1] * rank))
-    pads = list(attrs.get("pads", [0] * (2 * rank)))
-    begin = pads[:rank]
-    out = [output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]),
-                       ceil=bool(attrs.get("ceil_mode", 0))) for i in range(rank)]
-    end = [max(0, (out[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - x.shape[2 + i] - begin[i])
-           for i in range(rank)]
-    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)], constant_values=fill) \
-        if any(begin) or any(end) else x
-    return [view for _, view in strided_views(padded, kernel, strides, dilations, out)]
+    views, _ = sliding_windows(x, kernel, list(attrs.get("strides", [1] * rank)),
+                               list(attrs.get("dilations", [1] * rank)), list(attrs.get("pads", [0] * (2 * rank))),
+                               fill=fill, ceil=bool(attrs.get("ceil_mode", 0)))
+    return [view for _, view in views]
 
 
 def max_pool(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
@@ -222,22 +219,28 @@ def qlinear_average_pool(attrs: dict[str, Any], consts: Arrays, policy: str) -> 
     _, xs, xz, ys, yz = consts[:5]
     assert xs is not None and xz is not None and ys is not None and yz is not None
     x_scale, x_zero, y_scale, y_zero = f32(scalar(xs)), int(scalar(xz)), f32(scalar(ys)), int(scalar(yz))
+    per_shape: dict[tuple[int, ...], tuple[np.ndarray, Requantizer | None]] = {}
+
+    def prepared(spatial: tuple[int, ...]) -> tuple[np.ndarray, Requantizer | None]:
+        """The count of input positions per window, and the q31/pot requantiser, for one input size."""
+        if spatial not in per_shape:
+            counts = np.asarray(np.prod(attrs["kernel_shape"]), np.int32) if attrs.get("count_include_pad", 0) \
+                else sum(_windows(np.ones((1, 1, *spatial), np.int32), attrs, 0))
+            factor = (x_scale / y_scale / np.asarray(counts, np.float64)).astype(f32)
+            requant = None if policy == "ort-exact" else Requantizer.compile(factor, y_zero, yz.dtype, policy)
+            per_shape[spatial] = (np.asarray(counts), requant)
+        return per_shape[spatial]
 
     def run(ins: Arrays) -> list[np.ndarray]:
-        x = ins[0]
-        assert x is not None
-        ones = np.ones((1, 1, *x.shape[2:]), np.int32)
-        counts = np.int32(np.prod(attrs["kernel_shape"])) if attrs.get("count_include_pad", 0) else \
-            sum(_windows(ones, attrs, 0))
-        if policy == "ort-exact":
+        x = first(ins)
+        counts, requant = prepared(tuple(x.shape[2:]))
+        if requant is None:
             views = _windows(f32(x_scale) * _centred(x, x_zero).astype(f32), attrs, f32(0.0))
             total = views[0].copy()
             for view in views[1:]:
                 total += view
-            return [_clip_to(np.rint(total / np.asarray(counts, f32) / y_scale + f32(y_zero)), yz.dtype)]
-        factor = (x_scale / y_scale / np.asarray(counts, np.float64)).astype(f32)
-        acc = np.sum(_windows(_centred(x, x_zero), attrs, 0), axis=0)
-        return [Requantizer.compile(factor, y_zero, yz.dtype, policy)(acc)]
+            return [_clip_to(np.rint(total / counts.astype(f32) / y_scale + f32(y_zero)), yz.dtype)]
+        return [requant(np.sum(_windows(_centred(x, x_zero), attrs, 0), axis=0))]
 
     return run
 

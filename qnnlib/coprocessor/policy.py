@@ -52,7 +52,7 @@ class Requantizer:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; one of {POLICIES}")
         m = np.asarray(m)
-        pair = _power_of_two if policy == "pot" else fixed_point
+        pair = power_of_two if policy == "pot" else fixed_point
         pairs = [pair(float(v)) for v in m.reshape(-1)] if policy != "ort-exact" else []
         multiplier = np.array([p[0] for p in pairs], np.int64).reshape(m.shape) if pairs else np.zeros(())
         shift = np.array([p[1] for p in pairs], np.int64).reshape(m.shape) if pairs else np.zeros(())
@@ -74,7 +74,7 @@ class Requantizer:
         return np.clip(shifted + self.zero_point, info.min, info.max).astype(self.dtype)
 
 
-def _power_of_two(m: float) -> tuple[int, int]:
+def power_of_two(m: float) -> tuple[int, int]:
     """``(1, k)`` with ``2**-k`` the power of two nearest ``m`` in log2 (``(0, 0)`` for ``m <= 0``)."""
     if m <= 0 or not math.isfinite(m):
         return 0, 0
