@@ -110,9 +110,9 @@ def _elementwise(index: GraphIndex, node: onnx.NodeProto | None) -> bool:
             and all(index.constant(t).size == 1 for t in node.input if t and index.is_constant(t)))
 
 
-def table(model: onnx.ModelProto, chain: Chain) -> np.ndarray:
+def table(index: GraphIndex, chain: Chain) -> np.ndarray:
     """The chain's output for every value of its 8-bit input, computed by onnxruntime on the chain's nodes."""
-    index = GraphIndex(model)
+    model = index.model
     in_dtype = index.constant(chain.dequantize.input[2]).dtype
     info = np.iinfo(in_dtype)
     values = np.arange(info.min, info.max + 1).astype(in_dtype)
@@ -143,7 +143,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, 
     for chain in chains:
         name = f"{_name(chain.quantize)}_lookup"
         table_name = f"{name}_table"
-        out.graph.initializer.append(numpy_helper.from_array(table(model, chain), table_name))
+        out.graph.initializer.append(numpy_helper.from_array(table(index, chain), table_name))
         fused = helper.make_node(OP_TYPE, [chain.dequantize.input[0], table_name], [chain.quantize.output[0]],
                                  name=name, domain=DOMAIN)
         for node in chain.nodes:

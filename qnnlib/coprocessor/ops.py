@@ -112,9 +112,10 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
     dilations = list(attrs.get("dilations", [1] * rank))
     x_zero = int(_scalar(xz))
     centred = (w.astype(np.int32) - np.asarray(wz, np.int32).reshape(-1, *([1] * (w.ndim - 1))))
-    product = ExactProduct.compile(centred.reshape(group, m_group, c_group * kk), _input_range(xz))
     depthwise = c_group == 1 and m_group == 1 and group > 1
     dw_weights = centred.reshape(group, *kernel).astype(np.float32) if depthwise else None
+    product = None if depthwise else ExactProduct.compile(centred.reshape(group, m_group, c_group * kk),
+                                                          _input_range(xz))
     saturation = None
     if _saturates(xz, w, wz, policy) and c_group > 1:
         dense = np.zeros((m_out, group, c_group, kk), np.int8)
@@ -130,7 +131,8 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
         assert x is not None
         n = x.shape[0]
         pads = _spatial_pads(attrs, x, kernel, strides, dilations)
-        if dw_weights is not None:
+        if product is None:
+            assert dw_weights is not None
             acc, out = depthwise_accumulate(x, x_zero, dw_weights, strides=strides, dilations=dilations, pads=pads)
         else:
             raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)  # (N, C, kk, P)
