@@ -137,7 +137,7 @@ def _optimize(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, sample
     is measured on the plan with the chosen ranges and clipped weights.
     """
     ranges = optimize_ranges(m.float_model, plan, stats.extremes, samples, objective=config.objective,
-                             symmetric=config.activation_symmetric)
+                             symmetric=config.activation_symmetric, power_of_two=config.power_of_two_scales)
     choices = {gid: GroupChoice(range=c.range) for gid, c in ranges.items() if c.after < c.before}
     plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices)
     corrections = bias_corrections(m.float_model, plan, samples)
@@ -187,7 +187,8 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
             if g.params.source == "override":
                 continue
             raised = group_params(g, "int16", activation_type=config.activation_type,
-                                  symmetric=config.activation_symmetric, extremes=stats.extremes,
+                                  symmetric=config.activation_symmetric,
+                                  power_of_two=config.power_of_two_scales, extremes=stats.extremes,
                                   low_bit_ranges={}, source="raised")
             if raised is not None:
                 params[g.id] = raised

@@ -58,6 +58,10 @@ class QuantConfig:
     * ``activation_type``: ``"uint8"`` (default; asymmetric, the fast path on x86) or ``"int8"``.
     * ``activation_symmetric``: zero point 0 for activations (needs ``int8``).
     * ``weight_type``: ``"int8"``, symmetric; ``per_channel`` along each layer's output channels.
+    * ``power_of_two_scales``: every scale a power of two (activations rounded up, weights per channel
+      to the power of two of least error), so each requantisation ``s_x * s_w / s_y`` is a shift:
+      for fixed-point devices without multipliers (the coprocessor's ``pot`` policy). Tied groups share
+      one scale as always, so their shifts agree.
     * ``overflow_fix``: ``"enable"`` (default) gives int8 weights 7 bits of range so that x86 CPUs
       without VNNI cannot saturate their u8 x s8 pair sums; ``"first_layer"`` only for layers that read
       a model input; ``"disable"`` for targets without the problem (VNNI, ARM, GPU).
@@ -95,6 +99,7 @@ class QuantConfig:
     activation_symmetric: bool = False
     weight_type: str = "int8"
     per_channel: bool = True
+    power_of_two_scales: bool = False
     overflow_fix: str = "first_layer"
     method: str | CalibrationMethod = DEFAULT_METHOD
     exclude: tuple[str, ...] = ()
@@ -120,7 +125,7 @@ class QuantConfig:
         object.__setattr__(self, "method", _method(self.method))
         for name in ("exclude", "exclude_op_types"):
             object.__setattr__(self, name, _names(name, getattr(self, name)))
-        object.__setattr__(self, "overrides", _overrides(self.overrides))
+        object.__setattr__(self, "overrides", _overrides(self.overrides, power_of_two=self.power_of_two_scales))
         object.__setattr__(self, "input_ranges", _input_ranges(self.input_ranges))
         if self.max_calibration_samples is not None and self.max_calibration_samples < 1:
             raise ConfigError(f"max_calibration_samples must be >= 1 or None, got {self.max_calibration_samples}")
@@ -188,6 +193,7 @@ class QuantConfig:
             "activation_symmetric": self.activation_symmetric,
             "weight_type": self.weight_type,
             "per_channel": self.per_channel,
+            "power_of_two_scales": self.power_of_two_scales,
             "overflow_fix": self.overflow_fix,
             "method": {"name": method.name, **vars(method)},
             "exclude": list(self.exclude),
@@ -226,13 +232,21 @@ def _names(field_name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _overrides(value: object) -> Mapping[str, TensorOverride]:
-    """A read-only copy of the overrides mapping; ConfigError on a wrong type."""
+def _overrides(value: object, *, power_of_two: bool) -> Mapping[str, TensorOverride]:
+    """A read-only copy of the overrides mapping; ConfigError on a wrong type.
+
+    With ``power_of_two`` (power_of_two_scales=True) an explicit ``scale`` must be a power of two.
+    """
     if not isinstance(value, Mapping):
         raise ConfigError(f"overrides must map tensor names to TensorOverride, got {type(value).__name__}")
     for key, item in value.items():
         if not isinstance(item, TensorOverride):
             raise ConfigError(f"overrides[{key!r}] must be a TensorOverride, got {type(item).__name__}")
+        if power_of_two and item.scale is not None and math.frexp(item.scale)[0] != 0.5:
+            raise ConfigError(
+                f"overrides[{key!r}].scale = {item.scale!r} is not a power of two, but power_of_two_scales=True; "
+                f"use scale={2.0 ** math.ceil(math.log2(item.scale))!r} or give a range instead"
+            )
     return types.MappingProxyType(dict(value))
 
 

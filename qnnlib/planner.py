@@ -3,6 +3,8 @@
 * A group's range is the union of its members' calibrated ranges (constants contribute their
   min and max); an override on any member fixes the whole group.
 * Activation parameters come from :func:`qnnlib.numerics.affine.activation_qparams`.
+* ``QuantConfig.power_of_two_scales``: activation scales are rounded up to powers of two, weight
+  scales per channel to the power of two of least error; bias scales ``s_in * s_w`` follow.
 * Weights are symmetric per output channel; a bias is int32 at ``s_in * s_w[c]`` and values that
   overflow int32 are clamped and counted.
 * A foldable Relu or Clip is dropped where its group's representable range lies within its
@@ -100,7 +102,8 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
     else:
         lo, hi = group_range(group, ranges, index)
         source = choice.source if choice is not None else "calibrated"
-    scale, zp = affine.activation_qparams(lo, hi, qt, symmetric=config.activation_symmetric)
+    scale, zp = affine.activation_qparams(lo, hi, qt, symmetric=config.activation_symmetric,
+                                          power_of_two=config.power_of_two_scales)
     return ActivationParams(qt.name, float(scale), int(zp), (float(lo), float(hi)), source)
 
 
@@ -261,6 +264,8 @@ def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> We
     if bias is not None and slot.axis is not None and ctx.integer_kernel(node):
         s_in = np.float32(ctx.groups[node.input[0]].params.scale)
         scales = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)
+    if ctx.config.power_of_two_scales:
+        scales = affine.power_of_two_weight_scales(w, slot.axis, qmax, scales)
     return WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
                       tuple(float(s) for s in scales), qmax=qmax)
 

@@ -72,7 +72,7 @@ def range_at(members: tuple[str, ...], precision: str, *, extremes: Mapping[str,
 
 
 def group_params(group: GroupPlan, precision: str, *, activation_type: str, symmetric: bool,
-                 extremes: Mapping[str, tuple[float, float]],
+                 power_of_two: bool = False, extremes: Mapping[str, tuple[float, float]],
                  low_bit_ranges: Mapping[str, tuple[float, float]],
                  source: str | None = None) -> ActivationParams | None:
     """The group's parameters at ``precision`` (see the module docstring); None when it stays float.
@@ -87,19 +87,24 @@ def group_params(group: GroupPlan, precision: str, *, activation_type: str, symm
     if span is None:
         return None
     qt = qtype(activation_type_at(activation_type, precision))
-    scale, zero = affine.activation_qparams(span[0], span[1], qt, symmetric=symmetric)
+    scale, zero = affine.activation_qparams(span[0], span[1], qt, symmetric=symmetric, power_of_two=power_of_two)
     return ActivationParams(qt.name, float(scale), int(zero), span, source or f"{precision} analysis")
 
 
-def weight_scales_at(wp: WeightPlan, value: np.ndarray, precision: str) -> tuple[np.ndarray, int]:
-    """Per-channel scales and ``qmax`` of a planned weight at ``precision`` (see the module docstring)."""
+def weight_scales_at(wp: WeightPlan, value: np.ndarray, precision: str, *,
+                     power_of_two: bool = False) -> tuple[np.ndarray, int]:
+    """Per-channel scales and ``qmax`` of a planned weight at ``precision`` (see the module docstring).
+
+    ``power_of_two``: each scale then rounded to a power of two as the planner does.
+    """
     if precision == "int8":
         return np.asarray(wp.scales, np.float32), wp.qmax
     qmax = weight_qmax(precision)
     axis = wp.axis if len(wp.scales) > 1 else None
-    if precision == "int16":
-        return affine.weight_scales(value, axis, qmax), qmax
-    return affine.mse_weight_scales(value, axis, qmax), qmax
+    scales = (affine.weight_scales if precision == "int16" else affine.mse_weight_scales)(value, axis, qmax)
+    if power_of_two:
+        scales = affine.power_of_two_weight_scales(value, axis, qmax, scales)
+    return scales, qmax
 
 
 def owned_weights(plan: QuantPlan) -> dict[int, tuple[WeightPlan, ...]]:

@@ -449,11 +449,13 @@ class _Configurations:
             self.params[p] = {}
             for g in plan.groups:
                 params = group_params(g, p, activation_type=config.activation_type,
-                                      symmetric=config.activation_symmetric, extremes=stats.extremes,
+                                      symmetric=config.activation_symmetric,
+                                      power_of_two=config.power_of_two_scales, extremes=stats.extremes,
                                       low_bit_ranges=stats.low_bit_ranges)
                 if params is not None:
                     self.params[p][g.id] = params
-            self.weights[p] = {(wp.node, wp.input_index): weight_scales_at(wp, self._values[wp.tensor], p)
+            self.weights[p] = {(wp.node, wp.input_index): weight_scales_at(wp, self._values[wp.tensor], p,
+                                                                           power_of_two=config.power_of_two_scales)
                                for ws in self.owned.values() for wp in ws}
 
     def weight_shape(self, name: str) -> tuple[int, ...]:

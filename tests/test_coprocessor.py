@@ -287,3 +287,29 @@ def test_a_chain_whose_float_tensor_is_read_elsewhere_is_not_a_table() -> None:
     want = ort_session(model).run(None, {"a": _X})
     for w, g in zip(want, session.run(None, {"a": _X}), strict=True):
         np.testing.assert_array_equal(w, g)
+
+
+@pytest.mark.parametrize("builder", ["conv_net", "transformer_block"])
+def test_power_of_two_scales_make_every_requantisation_a_shift(builder: str) -> None:
+    """With power_of_two_scales every scale is 2**k, no integer operator needs a multiplier, and pot
+    (shift only) computes exactly what q31 computes; the model stays within a few dB of the default."""
+    model = getattr(builders, builder)()
+    calib, feeds = builders.calibration(model, 16), builders.calibration(model, 3, seed=5)
+    plain = qnnlib.quantize(model, calib)
+    pot = qnnlib.quantize(model, calib, config=qnnlib.QuantConfig(power_of_two_scales=True))
+    values = {t.name: numpy_helper.to_array(t) for t in pot.model.graph.initializer}
+    scales = {n.input[1]: values[n.input[1]] for n in pot.model.graph.node
+              if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    odd = [name for name, s in scales.items() if not np.all(np.frexp(s.astype(np.float32))[0] == 0.5)]
+    assert scales and not odd
+    assert plain.integer_details().needs_multiplier
+    assert pot.integer_details().needs_multiplier == ()
+    shift, q31 = InferenceSession(pot.model, policy="pot"), InferenceSession(pot.model, policy="q31")
+    want = np.concatenate([ort_session(model).run(None, f)[0].ravel() for f in feeds])
+    got = []
+    for f in feeds:
+        a, b = shift.run(None, f)[0], q31.run(None, f)[0]
+        np.testing.assert_array_equal(a, b)
+        got.append(a.ravel())
+    plain_db = sqnr_db(want, np.concatenate([plain.session().run(None, f)[0].ravel() for f in feeds]))
+    assert sqnr_db(want, np.concatenate(got)) > plain_db - 6.0

@@ -149,6 +149,8 @@ def test_ndarray_for_multi_input_model() -> None:
         ({"max_calibration_samples": 0}, "max_calibration_samples"),
         ({"report_samples": -1}, "report_samples"),
         ({"overrides": {"t": (0, 1)}}, r"overrides\['t'\] must be a TensorOverride"),
+        ({"power_of_two_scales": True, "overrides": {"t": qnnlib.TensorOverride(scale=0.1, zero_point=0)}},
+         r"overrides\['t'\]\.scale = 0\.1 is not a power of two.*scale=0\.125"),
     ],
 )
 def test_invalid_config(kwargs: dict[str, object], match: str) -> None:

@@ -93,6 +93,46 @@ def test_weights_symmetric_per_channel(w: np.ndarray) -> None:
     assert np.all(np.abs(q).reshape(6, -1).max(axis=1)[representable] == 127)
 
 
+def _is_power_of_two(values: np.ndarray) -> bool:
+    return bool(np.all(np.frexp(np.asarray(values, np.float32))[0] == 0.5))
+
+
+@given(st.floats(float(np.float32(1e-30)), float(np.float32(1e30)), width=32))
+def test_power_of_two_at_least_is_the_next_power(x: float) -> None:
+    p = affine.power_of_two_at_least(x)
+    assert _is_power_of_two(p)
+    assert x <= p < 2 * x or p == x
+
+
+@given(lo=finite, hi=finite)
+def test_power_of_two_activation_scale_covers_the_range(lo: float, hi: float) -> None:
+    """The scale is a power of two, at most twice the plain one, and the range still fits (half a step)."""
+    lo, hi = min(lo, hi), max(lo, hi)
+    plain, _ = affine.activation_qparams(lo, hi, UINT8)
+    scale, zp = affine.activation_qparams(lo, hi, UINT8, power_of_two=True)
+    assert _is_power_of_two(scale) and plain <= scale <= 2 * plain
+    r_lo, r_hi = affine.representable_range(scale, zp, UINT8)
+    assert r_lo <= min(lo, 0) + scale / 2 + 1e-6 * abs(lo)
+    assert r_hi >= max(hi, 0) - scale / 2 - 1e-6 * abs(hi)
+    sym, zero = affine.activation_qparams(lo, hi, INT8, symmetric=True, power_of_two=True)
+    assert zero == 0 and _is_power_of_two(sym)
+
+
+@given(hnp.arrays(np.float32, (5, 7), elements=st.floats(-10, 10, width=32)))
+def test_power_of_two_weight_scales_pick_the_better_power(w: np.ndarray) -> None:
+    """Each channel gets the next power of two above its scale, or half of it when that errs less."""
+    plain = affine.weight_scales(w, 0, 127)
+    pot = affine.power_of_two_weight_scales(w, 0, 127, plain)
+    up = affine.power_of_two_at_least(plain)
+    assert _is_power_of_two(pot) and np.all((pot == up) | (pot == up / 2))
+
+    def error(scales: np.ndarray) -> np.ndarray:
+        back = affine.dequantize(affine.quantize_weight(w, scales, 0, INT8, 127), scales, 0, axis=0)
+        return np.sum((back - w) ** 2, axis=1)
+
+    assert np.all(error(pot) <= error(up) * (1 + 1e-6) + 1e-12)
+
+
 def test_bias_scale_and_overflow_clamp() -> None:
     scales = affine.bias_scales(np.float32(0.1), np.array([0.01, 1e-9], np.float32))
     q, clamped = affine.quantize_bias(np.array([1.0, 1e4], np.float32), scales)

@@ -72,6 +72,22 @@ class IntegerModel:
     requantization: dict[str, dict[str, list[float] | list[int]]]
     kept: tuple[str, ...]
 
+    @property
+    def needs_multiplier(self) -> tuple[str, ...]:
+        """Integer operators with a requantisation factor that is not a power of two (a shift alone cannot do it).
+
+        Empty for a model quantised with ``QuantConfig(power_of_two_scales=True)``, except for average
+        pooling whose input and output scales are not both powers of two.
+        """
+        return tuple(name for name, entry in self.requantization.items()
+                     if any(not _is_power_of_two(v) for k, reals in entry.items() if k.endswith("_real")
+                            for v in reals))
+
+
+def _is_power_of_two(m: float) -> bool:
+    """Whether ``m`` is ``2**k`` for an integer ``k`` (0 counts: a zero factor needs no multiplier)."""
+    return m == 0 or (m > 0 and math.frexp(m)[0] == 0.5)
+
 
 def fixed_point(m: float) -> tuple[int, int]:
     """``(M, shift)`` with ``m ~= M * 2**-shift`` and ``2**30 <= M < 2**31`` (``(0, 0)`` for ``m = 0``).

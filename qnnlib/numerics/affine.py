@@ -24,12 +24,21 @@ MIN_SCALE = float(np.finfo(np.float32).tiny)
 OVERFLOW_SAFE_QMAX = 63
 
 
-def activation_qparams(lo: float, hi: float, qt: QType, *, symmetric: bool = False) -> tuple[np.float32, int]:
+def power_of_two_at_least(x: np.ndarray | float) -> np.ndarray:
+    """``2**ceil(log2 x)`` elementwise for ``x > 0``, exact in float32 (from ``x = f * 2**e``, ``f`` in [0.5, 1))."""
+    f, e = np.frexp(np.asarray(x, np.float32))
+    return np.ldexp(np.float32(1.0), e - (f == 0.5)).astype(np.float32)
+
+
+def activation_qparams(lo: float, hi: float, qt: QType, *, symmetric: bool = False,
+                       power_of_two: bool = False) -> tuple[np.float32, int]:
     """Scale and zero point that map ``[min(lo, 0), max(hi, 0)]`` onto ``[qmin, qmax]``.
 
     Asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = clip(rint(qmin - lo / s), qmin, qmax)``.
     Symmetric (signed types only): ``s = max(|lo|, |hi|) / qmax``, ``z = 0``.
-    A range of width zero gives ``s = 1`` and the zero point of 0.0.
+    ``power_of_two``: ``s`` rounded up to ``2**ceil(log2 s)`` (the range still fits; a step up to twice
+    as coarse), ``z`` computed from that ``s``. A range of width zero gives ``s = 1`` and the zero
+    point of 0.0.
     """
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"range bounds must be finite, got [{lo}, {hi}]")
@@ -41,10 +50,12 @@ def activation_qparams(lo: float, hi: float, qt: QType, *, symmetric: bool = Fal
         scale = np.float32(amax / qt.qmax)
         if scale < MIN_SCALE:
             return np.float32(1.0), 0
-        return scale, 0
+        return (np.float32(power_of_two_at_least(scale)) if power_of_two else scale), 0
     scale = np.float32((hi - lo) / (qt.qmax - qt.qmin))
     if scale < MIN_SCALE:
         return np.float32(1.0), 0 if qt.signed else qt.qmin
+    if power_of_two:
+        scale = np.float32(power_of_two_at_least(scale))
     zero_point = int(np.clip(np.rint(qt.qmin - np.float32(lo) / scale), qt.qmin, qt.qmax))
     return scale, zero_point
 
@@ -125,6 +136,25 @@ def mse_weight_scales(w: np.ndarray, axis: int | None, qmax: int,
         err = np.sum((rows - q * scales[:, None]) ** 2, axis=1)
         better = err < best_err
         best[better], best_err[better] = scales[better], err[better]
+    return best
+
+
+def power_of_two_weight_scales(w: np.ndarray, axis: int | None, qmax: int, scales: np.ndarray) -> np.ndarray:
+    """Per channel, ``2**ceil(log2 s[c])`` or half of it, whichever has the smaller squared error.
+
+    The error is that of :func:`mse_weight_scales`; the larger power keeps the channel's range
+    ``qmax * s[c]``, the smaller one clips it but halves the step.
+    """
+    w = np.asarray(w, np.float32)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+    up = power_of_two_at_least(np.asarray(scales, np.float32).reshape(-1))
+    best, best_err = up, np.full(len(up), np.inf)
+    for candidate in (up, (up / 2).astype(np.float32)):
+        q = np.clip(np.rint(rows / candidate[:, None]), -qmax, qmax)
+        err = np.sum((rows - q * candidate[:, None]) ** 2, axis=1)
+        better = err < best_err
+        best = np.where(better, candidate, best).astype(np.float32)
+        best_err = np.where(better, err, best_err)
     return best
 
 

@@ -83,6 +83,7 @@ class _Reader:
 
 def optimize_ranges(float_model: onnx.ModelProto, plan: QuantPlan, extremes: Mapping[str, tuple[float, float]],
                     feeds: Sequence[Feed], *, objective: str = "mse", symmetric: bool = False,
+                    power_of_two: bool = False,
                     skip: frozenset[int] = frozenset()) -> dict[int, RangeChoice]:
     """Layer-wise range search for every group of ``plan`` not in ``skip``; see the module docstring.
 
@@ -110,10 +111,11 @@ def optimize_ranges(float_model: onnx.ModelProto, plan: QuantPlan, extremes: Map
         values = [dict(zip(names, sim_session.run(names, {**f, **sim.feeds(params, done)}), strict=True))
                   for f in feeds]
         for group in chunk:
-            local = _LocalModel(group, readers[group.id], sim, constants, objective=objective, symmetric=symmetric)
+            local = _LocalModel(group, readers[group.id], sim, constants, objective=objective, symmetric=symmetric,
+                                power_of_two=power_of_two)
             choice = _search(local, values, _extent(group, extremes))  # type: ignore[arg-type]
             choices[group.id] = choice
-            params[group.id] = _params(group.params, choice.range, symmetric)
+            params[group.id] = _params(group.params, choice.range, symmetric=symmetric, power_of_two=power_of_two)
             done.add(group.id)
     return choices
 
@@ -147,9 +149,10 @@ def _readers(group: GroupPlan, index: GraphIndex, sim: Simulation, sim_nodes: di
     return list(found.values())
 
 
-def _params(base: ActivationParams, rng: tuple[float, float], symmetric: bool) -> ActivationParams:
+def _params(base: ActivationParams, rng: tuple[float, float], *, symmetric: bool,
+            power_of_two: bool) -> ActivationParams:
     qt = qtype(base.qtype)
-    scale, zp = affine.activation_qparams(rng[0], rng[1], qt, symmetric=symmetric)
+    scale, zp = affine.activation_qparams(rng[0], rng[1], qt, symmetric=symmetric, power_of_two=power_of_two)
     return ActivationParams(base.qtype, float(scale), int(zp), (float(rng[0]), float(rng[1])), "optimized")
 
 
@@ -157,11 +160,12 @@ class _LocalModel:
     """A group's fake quantisation feeding its readers; evaluates E for a candidate range."""
 
     def __init__(self, group: GroupPlan, readers: list[_Reader], sim: Simulation, constants: set[str], *,
-                 objective: str, symmetric: bool) -> None:
+                 objective: str, symmetric: bool, power_of_two: bool) -> None:
         self.group = group
         self.readers = tuple(r.node.name for r in readers)
         self.objective = objective
         self.symmetric = symmetric
+        self.power_of_two = power_of_two
         param_names = sim.inputs[group.id]
         nodes: list[onnx.NodeProto] = []
         rename: dict[str, str] = {}
@@ -208,7 +212,7 @@ class _LocalModel:
 
     def run(self, value: Feed, rng: tuple[float, float] | None) -> list[np.ndarray]:
         """The readers' outputs on one sample: fixed-point at ``rng``, or float when ``rng`` is None."""
-        p = _params(self.group.params, rng or (0.0, 1.0), self.symmetric)
+        p = _params(self.group.params, rng or (0.0, 1.0), symmetric=self.symmetric, power_of_two=self.power_of_two)
         qt = qtype(p.qtype)
         values = (p.scale, p.zero_point, qt.qmin, qt.qmax)
         params = {name: np.array(v, np.float32) for name, v in zip(self.param_names, values, strict=False)}
