@@ -8,12 +8,13 @@ from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
+import onnx
 
 from qnnlib.calibration.collect import CalibrationStats, collect
 from qnnlib.calibration.feeds import Feed, FeedSource
 from qnnlib.config import QuantConfig
 from qnnlib.emit.qdq import Emitted, emit_qdq
-from qnnlib.errors import ConfigError, ThresholdError
+from qnnlib.errors import ConfigError, InternalError, InvalidModelError, ThresholdError
 from qnnlib.evaluate import measure
 from qnnlib.fusion import checked_session
 from qnnlib.graph.index import GraphIndex
@@ -108,7 +109,7 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
                                samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation)
             plan, emitted = mixed.outcome.plan, mixed.outcome.emitted
         with timer("verify"):
-            check_model(emitted.model)
+            _check_emitted(emitted.model)
             # 4-bit tensors cannot be fetched into numpy (onnxruntime has no numpy type for them)
             measured = [t for t in layer_outputs if t in emitted.quantized_names
                         and qtype(plan.params(t).qtype).bits > 4] if stats.references else []
@@ -127,6 +128,17 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
             f"{validation_note}; allow more precisions (QuantConfig(precisions=...)) or relax the threshold"
         )
     return QuantResult(emitted.model, report, plan)
+
+
+def _check_emitted(model: onnx.ModelProto) -> None:
+    """onnx.checker on the model qnnlib built; a failure is qnnlib's bug, not the user's (InternalError)."""
+    try:
+        check_model(model)
+    except InvalidModelError as exc:
+        raise InternalError(
+            f"qnnlib built an invalid model ({exc}); this is a bug in qnnlib: please report it with the "
+            "model. Until it is fixed, QuantConfig(exclude=(...)) on the node the message names may avoid it"
+        ) from exc
 
 
 def _optimize(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed],

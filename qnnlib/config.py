@@ -15,7 +15,7 @@ from qnnlib.threshold import Threshold
 #: The calibration method used when none is given (see docs/concepts.md for the measurements).
 DEFAULT_METHOD = "percentile"
 #: Values of QuantConfig.overflow_fix.
-OVERFLOW_FIXES = ("enable", "first_layer", "disable")
+OVERFLOW_FIXES = ("pairs", "first_layer", "enable", "disable")
 #: Errors the range search can minimise.
 OBJECTIVES = ("mse", "cosine")
 #: Precisions a layer can take (int8 first: every model starts there).
@@ -62,9 +62,11 @@ class QuantConfig:
       to the power of two of least error), so each requantisation ``s_x * s_w / s_y`` is a shift:
       for fixed-point devices without multipliers (the coprocessor's ``pot`` policy). Tied groups share
       one scale as always, so their shifts agree.
-    * ``overflow_fix``: ``"enable"`` (default) gives int8 weights 7 bits of range so that x86 CPUs
-      without VNNI cannot saturate their u8 x s8 pair sums; ``"first_layer"`` only for layers that read
-      a model input; ``"disable"`` for targets without the problem (VNNI, ARM, GPU).
+    * ``overflow_fix``: x86 CPUs without VNNI add u8 x s8 product pairs in a saturating int16.
+      ``"pairs"`` (default) gives each output channel whose same-sign weight pairs could saturate just
+      enough range that none can (at most one bit, only on those channels); ``"first_layer"`` gives
+      int8 weights 7 bits of range in layers that read a model input, ``"enable"`` in every layer;
+      ``"disable"`` for targets without the problem (VNNI, ARM, GPU).
     * ``method``: calibration method, a name (``"minmax"``, ``"percentile"``, ``"entropy"``,
       ``"mse"``) or a method object such as ``Percentile(99.99)``.
     * ``exclude``: node names or glob patterns to keep in float; ``exclude_op_types``: op types.
@@ -100,7 +102,7 @@ class QuantConfig:
     weight_type: str = "int8"
     per_channel: bool = True
     power_of_two_scales: bool = False
-    overflow_fix: str = "first_layer"
+    overflow_fix: str = "pairs"
     method: str | CalibrationMethod = DEFAULT_METHOD
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()

@@ -57,5 +57,9 @@ class SessionError(QnnlibError):
     """onnxruntime could not load or run a model qnnlib built or was given; the message carries its words."""
 
 
+class InternalError(QnnlibError):
+    """qnnlib built something wrong (a model that fails onnx.checker): a bug in qnnlib, to be reported."""
+
+
 class InputError(QnnlibError, ValueError):
     """Feeds or output names given to a session do not match the model's inputs and outputs."""

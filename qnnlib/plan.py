@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+#: ``ActivationParams.source`` of a group holding a Softmax output: fixed, kept by the range search.
+SOFTMAX_SOURCE = "softmax"
+
 
 @dataclass(frozen=True)
 class ActivationParams:

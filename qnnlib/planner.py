@@ -22,13 +22,13 @@ import onnx
 
 from qnnlib.config import QuantConfig, TensorOverride
 from qnnlib.errors import ConfigError
-from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.index import GraphIndex, attribute
 from qnnlib.graph.rules import RULES, clip_bounds, data_inputs
 from qnnlib.graph.select import BIAS, WEIGHT, Selection, WeightSlot
 from qnnlib.graph.tying import TiedGroup
 from qnnlib.numerics import affine
-from qnnlib.numerics.qtypes import FLOAT, precision_name, qtype
-from qnnlib.plan import ActivationParams, GroupPlan, LayerPlan, QuantPlan, WeightPlan
+from qnnlib.numerics.qtypes import FLOAT, QType, precision_name, qtype
+from qnnlib.plan import SOFTMAX_SOURCE, ActivationParams, GroupPlan, LayerPlan, QuantPlan, WeightPlan
 
 #: Weight type of a layer raised to 16 bits.
 WIDE_WEIGHT = "int16"
@@ -93,6 +93,9 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
             raise ConfigError(f"override zero_point {zp} for {hit[0]!r} is outside {qt.name} [{qt.qmin}, {qt.qmax}]")
         scale = np.float32(override.scale)
         return ActivationParams(qt.name, float(scale), zp, affine.representable_range(scale, zp, qt), "override")
+    if hit is None and qt.bits == 8 and _holds_softmax_output(group, index):
+        return _softmax_params(group_range(group, ranges, index), qt, symmetric=config.activation_symmetric,
+                               power_of_two=config.power_of_two_scales)
     if hit is not None:
         lo, hi = hit[1].range  # type: ignore[misc]
         source = "override"
@@ -105,6 +108,31 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
     scale, zp = affine.activation_qparams(lo, hi, qt, symmetric=config.activation_symmetric,
                                           power_of_two=config.power_of_two_scales)
     return ActivationParams(qt.name, float(scale), int(zp), (float(lo), float(hi)), source)
+
+
+def _holds_softmax_output(group: TiedGroup, index: GraphIndex) -> bool:
+    return any((p := index.producer(m)) is not None and p.op_type == "Softmax" for m in group.members)
+
+
+def _softmax_params(observed: tuple[float, float], qt: QType, *, symmetric: bool,
+                    power_of_two: bool) -> ActivationParams:
+    """The 8-bit parameters of a group holding a Softmax output: its grid covers [0, 1].
+
+    onnxruntime fuses DequantizeLinear, Softmax, QuantizeLinear into QLinearSoftmax, and that kernel
+    (1.31) returns wrong values when the output grid does not reach 1: at ``s = 1/512``, or at a
+    calibrated ``s = 0.0017`` (outputs up to 0.43), every output was 0. A group within [0, 1] gets
+    onnxruntime's quantiser's grid, ``s = 1/256`` with ``z = qmin`` (``1/128, z = 0`` for symmetric
+    int8); a group whose other members reach outside (a Concat with other inputs) gets its observed
+    range widened to cover [0, 1].
+    """
+    lo, hi = observed
+    if lo >= 0.0 and hi <= 1.0:
+        scale, zero = np.float32(1.0 / 128 if symmetric else 1.0 / 256), 0 if symmetric else qt.qmin
+    else:
+        scale, zero = affine.activation_qparams(min(lo, 0.0), max(hi, 1.0), qt, symmetric=symmetric,
+                                                power_of_two=power_of_two)
+    return ActivationParams(qt.name, float(scale), int(zero),
+                            affine.representable_range(np.float32(scale), int(zero), qt), SOFTMAX_SOURCE)
 
 
 def build_plan(index: GraphIndex, selection: Selection, groups: tuple[TiedGroup, ...],
@@ -176,10 +204,30 @@ def _overflow_fix_applies(node: onnx.NodeProto, index: GraphIndex, groups: Mappi
     """
     if config.overflow_fix == "enable":
         return True
-    if config.overflow_fix == "disable":
+    if config.overflow_fix in ("disable", "pairs"):
         return False
     group = groups.get(node.input[0])
     return group is not None and any(_from_model_input(m, index) for m in group.members)
+
+
+def _reduction_rows(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray | None:
+    """The weights as (output channels, K) in the order onnxruntime's x86 kernels reduce over; None if exact.
+
+    Conv: K runs over (kernel offset, input channel), channels fastest; a depthwise layer (one input
+    and one output channel per group) has its own exact kernel. MatMul and Gemm: K of B. Measured
+    with single QLinearConv nodes: a pair straddles two kernel offsets when the channels per group
+    are odd, and a layer with one input channel and several outputs pairs neighbouring offsets.
+    """
+    if node.op_type == "Conv" and w.ndim >= 3:
+        group = int(attribute(node, "group", 1))
+        if w.shape[1] == 1 and w.shape[0] == group:
+            return None
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+    if node.op_type == "MatMul" and w.ndim == 2:
+        return w.T
+    if node.op_type == "Gemm" and w.ndim == 2:
+        return w if attribute(node, "transB", 0) else w.T
+    return None
 
 
 #: Ops that carry a model input's values unchanged (or only retyped) to the first layer.
@@ -261,11 +309,16 @@ def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> We
         qmax = affine.OVERFLOW_SAFE_QMAX
     search = ctx.config.optimizing or narrow
     scales = (affine.mse_weight_scales if search else affine.weight_scales)(w, slot.axis, qmax)
+    minimum = None
+    rows = _reduction_rows(node, w)
+    if ctx.config.overflow_fix == "pairs" and wqt.qmax == 127 and ctx.integer_kernel(node) and rows is not None:
+        minimum = affine.pair_safe_scales(rows, scales, qmax)
+        scales = minimum
     if bias is not None and slot.axis is not None and ctx.integer_kernel(node):
         s_in = np.float32(ctx.groups[node.input[0]].params.scale)
         scales = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)
     if ctx.config.power_of_two_scales:
-        scales = affine.power_of_two_weight_scales(w, slot.axis, qmax, scales)
+        scales = affine.power_of_two_weight_scales(w, slot.axis, qmax, scales, minimum=minimum)
     return WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,
                       tuple(float(s) for s in scales), qmax=qmax)
 

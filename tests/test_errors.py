@@ -219,7 +219,7 @@ def test_weights_with_nan_name_the_node() -> None:
 
 def test_every_error_is_a_qnnlib_error() -> None:
     for cls in (qnnlib.ConfigError, qnnlib.ModelLoadError, qnnlib.InvalidModelError, qnnlib.UnsupportedModelError,
-                qnnlib.CalibrationDataError, qnnlib.EmptyCalibrationError, qnnlib.SessionError):
+                qnnlib.CalibrationDataError, qnnlib.EmptyCalibrationError, qnnlib.SessionError, qnnlib.InternalError):
         assert issubclass(cls, qnnlib.QnnlibError)
 
 

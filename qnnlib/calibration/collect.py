@@ -84,6 +84,8 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
 
     def run(index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = wanted if index < capture_samples else observe_only
+        if not names:  # onnxruntime's run([]) returns every output, not none
+            return {}
         try:
             return dict(zip(names, sessions[-1].run(names, feed), strict=True))
         except Exception as exc:  # onnxruntime's own exception types

@@ -117,10 +117,12 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
     product = None if depthwise else ExactProduct.compile(centred.reshape(group, m_group, c_group * kk),
                                                           _input_range(xz))
     saturation = None
-    if _saturates(xz, w, wz, policy) and c_group > 1:
-        dense = np.zeros((m_out, group, c_group, kk), np.int8)
-        dense[np.arange(m_out), np.arange(m_out) // m_group] = w.reshape(m_out, c_group, kk)
-        saturation = PairSaturation.compile(*pair_axes(dense, 2))
+    if _saturates(xz, w, wz, policy) and not (c_group == 1 and m_group == 1):
+        # onnxruntime's reduction runs over (kernel offset, input channel), channels fastest; its pairs
+        # are neighbours in that order, so with an odd C_g they straddle two kernel offsets.
+        dense = np.zeros((m_out, group, kk, c_group), np.int8)
+        dense[np.arange(m_out), np.arange(m_out) // m_group] = np.swapaxes(w.reshape(m_out, c_group, kk), 1, 2)
+        saturation = PairSaturation.compile(*pair_axes(dense.reshape(m_out, group, kk * c_group), 2))
     channel = (1, -1, 1)
     bias_col = _Bias.of(bias, channel)
     requant = Requantizer.compile(scale_factor(_scalar(xs), ws.reshape(-1), _scalar(ys)).reshape(
@@ -141,7 +143,8 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
                 patches -= np.float32(x_zero)
             acc = product(patches.reshape(n, group, c_group * kk, -1)).reshape(n, m_out, -1)
         if saturation is not None:
-            saturation.add_to(acc.reshape(n, m_out, -1), *pair_axes(raw.reshape(n, group, c_group, kk, -1), 2))
+            ordered = np.swapaxes(raw.reshape(n, group, c_group, kk, -1), 2, 3).reshape(n, group, kk * c_group, -1)
+            saturation.add_to(acc.reshape(n, m_out, -1), *pair_axes(ordered, 2))
         if bias_col is not None:
             acc = bias_col.add(acc, policy)
         return [requant(acc).reshape(n, m_out, *out)]

@@ -127,19 +127,24 @@ def _order_key(index: GraphIndex) -> Callable[[str], tuple[int, str]]:
 
 
 def _drop_activations(model: onnx.ModelProto, dropped: tuple[str, ...]) -> None:
-    """Remove each dropped Relu/Clip; its producer writes the activation's output instead."""
+    """Remove each dropped Relu/Clip; its producer writes the activation's output instead.
+
+    ``dropped`` is in graph order, so in a chain (Conv -> Relu -> Relu) the producer map, kept up to
+    date as outputs move, hands the second activation's output to the Conv as well.
+    """
     if not dropped:
         return
-    index = GraphIndex(model)
-    by_name = {n.name: n for n in index.nodes}
+    by_name = {n.name: n for n in model.graph.node}
+    producers = {o: n for n in model.graph.node for o in n.output if o}
     gone: set[int] = set()
     for name in dropped:
         act = by_name[name]
-        producer = index.producer(act.input[0])
+        producer = producers.pop(act.input[0], None)
         assert producer is not None, f"dropped activation {name!r} has no producer"
         for i, o in enumerate(producer.output):
             if o == act.input[0]:
                 producer.output[i] = act.output[0]
+        producers[act.output[0]] = producer
         gone.add(id(act))
     replace_nodes(model, (n for n in model.graph.node if id(n) not in gone))
 

@@ -7,7 +7,8 @@ The selection reads the rules table (:mod:`qnnlib.graph.rules`) over the graph:
 2. PASS_THROUGH and FOLDABLE_ACTIVATION nodes join when their data input or an output is already
    quantised, repeated until nothing changes: a quantised region grows through them.
 3. Ties: Concat ties every input to its output; a pass-through op ties its data input to its
-   outputs; a foldable activation ties its input to its output when it is that input's only reader.
+   outputs; a foldable activation ties its input to its output when clipping the input's whole
+   tied group changes no other reader's values (:func:`_fold_stays_local`).
 
 The tail stays float: ops after the last Conv, MatMul or Gemm (a classifier's pooling and Softmax,
 a detector's box decoding and output Concat) gain nothing from integer kernels and would only add
@@ -162,7 +163,7 @@ class _Region:
             return False
         if rule.kind is Kind.PASS_THROUGH:
             return node.name not in self.tail
-        return _sole_reader(index, data) and not any(index.is_graph_output(o) for o in outputs)
+        return _fold_stays_local(index, data) and not any(index.is_graph_output(o) for o in outputs)
 
     def grow(self, node: onnx.NodeProto, rule: OpRule) -> None:
         """Add a pass-through or foldable node: its data input and outputs are tied."""
@@ -242,6 +243,33 @@ def _sole_reader(index: GraphIndex, tensor: str) -> bool:
     """Whether one node reads ``tensor`` once, and it is neither a graph output nor read by a subgraph."""
     return (len(index.uses(tensor)) == 1 and not index.is_graph_output(tensor)
             and not index.read_in_subgraph(tensor) and index.producer(tensor) is not None)
+
+
+def _fold_stays_local(index: GraphIndex, tensor: str) -> bool:
+    """Whether a foldable activation reading ``tensor`` may clip ``tensor``'s whole tied group.
+
+    Folding gives the group the activation's output range. The group reaches upstream through
+    pass-through ops, Concat and other folded activations, so every tensor on that way must be read
+    by that one node only, and no pass-through there may have other outputs (a Split's siblings):
+    otherwise a node that needs the unclipped values would get clipped ones.
+    """
+    todo = [tensor]
+    while todo:
+        current = todo.pop()
+        if not _sole_reader(index, current):
+            return False
+        producer = index.producer(current)
+        assert producer is not None  # _sole_reader checked it
+        rule, _ = rule_for(producer, index)
+        if rule is None or rule.kind in (Kind.WEIGHTED, Kind.QUANTIZED_IO):
+            continue
+        if rule.kind is Kind.TIE_ALL:
+            todo.extend(t for _, t in data_inputs(producer, rule) if not index.is_constant(t))
+        elif len(data_outputs(producer, rule)) > 1:
+            return False
+        else:
+            todo.append(producer.input[0])
+    return True
 
 
 def _weight_slots(node: onnx.NodeProto, rule: OpRule, index: GraphIndex, per_channel: bool) -> list[WeightSlot]:

@@ -22,6 +22,9 @@ MIN_SCALE = float(np.finfo(np.float32).tiny)
 #: adjacent products in int16 (``vpmaddubsw``): ``255 * 127 * 2 = 64770`` overflows 32767, while
 #: ``255 * 63 * 2 = 32130`` does not. Weights stay int8 in storage; they use 7 bits of range.
 OVERFLOW_SAFE_QMAX = 63
+#: Largest ``|q0| + |q1|`` of a same-sign int8 weight pair that those kernels cannot saturate with any
+#: uint8 input pair: ``255 * 128 = 32640 <= 32767``.
+SAFE_PAIR_SUM = 128
 
 
 def power_of_two_at_least(x: np.ndarray | float) -> np.ndarray:
@@ -139,23 +142,54 @@ def mse_weight_scales(w: np.ndarray, axis: int | None, qmax: int,
     return best
 
 
-def power_of_two_weight_scales(w: np.ndarray, axis: int | None, qmax: int, scales: np.ndarray) -> np.ndarray:
+def power_of_two_weight_scales(w: np.ndarray, axis: int | None, qmax: int, scales: np.ndarray, *,
+                               minimum: np.ndarray | None = None) -> np.ndarray:
     """Per channel, ``2**ceil(log2 s[c])`` or half of it, whichever has the smaller squared error.
 
     The error is that of :func:`mse_weight_scales`; the larger power keeps the channel's range
-    ``qmax * s[c]``, the smaller one clips it but halves the step.
+    ``qmax * s[c]``, the smaller one clips it but halves the step. ``minimum``: the half is not taken
+    where it would fall below ``minimum[c]`` (:func:`pair_safe_scales`).
     """
     w = np.asarray(w, np.float32)
     rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
     up = power_of_two_at_least(np.asarray(scales, np.float32).reshape(-1))
     best, best_err = up, np.full(len(up), np.inf)
-    for candidate in (up, (up / 2).astype(np.float32)):
+    half = (up / 2).astype(np.float32)
+    if minimum is not None:
+        half = np.where(half >= np.asarray(minimum, np.float32).reshape(-1), half, up)
+    for candidate in (up, half):
         q = np.clip(np.rint(rows / candidate[:, None]), -qmax, qmax)
         err = np.sum((rows - q * candidate[:, None]) ** 2, axis=1)
         better = err < best_err
         best = np.where(better, candidate, best).astype(np.float32)
         best_err = np.where(better, err, best_err)
     return best
+
+
+def pair_safe_scales(rows: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
+    """Raise the scales of channels whose int8 weight pairs could saturate x86 AVX2 kernels.
+
+    ``rows``: the weights as (channels, K), K in the order onnxruntime reduces over; its pairs are
+    ``(2i, 2i + 1)`` along K. A channel whose largest same-sign pair ``S[c] = max(|w0| + |w1|)``
+    quantises to more than :data:`SAFE_PAIR_SUM` at ``s[c]`` gets ``s[c] = S[c] / (SAFE_PAIR_SUM - 1)``:
+    the two roundings add at most 1, so the pair stays within :data:`SAFE_PAIR_SUM`. Other channels
+    keep their scale. One scale (per tensor) covers every row.
+    """
+    rows = np.asarray(rows, np.float32)
+    scales = np.asarray(scales, np.float32).reshape(-1)
+    even = rows.shape[1] - rows.shape[1] % 2
+    pairs = rows[:, :even].reshape(len(rows), -1, 2)
+    if len(scales) != len(rows):  # one scale: every row's pairs compete for it
+        pairs = pairs.reshape(1, -1, 2)
+    first, second = pairs[..., 0], pairs[..., 1]
+    same_sign = first * second > 0
+    largest = np.where(same_sign, np.abs(first) + np.abs(second), 0.0).max(axis=1, initial=0.0)
+    s = scales[:, None]
+    q0 = np.minimum(np.abs(np.rint(first / s)), qmax)
+    q1 = np.minimum(np.abs(np.rint(second / s)), qmax)
+    risky = np.where(same_sign, q0 + q1, 0).max(axis=1, initial=0) > SAFE_PAIR_SUM
+    safe = np.where(risky, largest / np.float32(SAFE_PAIR_SUM - 1), 0.0).astype(np.float32)
+    return np.maximum(scales, safe).astype(np.float32)
 
 
 def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qt: QType, qmax: int) -> np.ndarray:

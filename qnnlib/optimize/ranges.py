@@ -40,7 +40,7 @@ from qnnlib.graph.index import GraphIndex, subgraphs
 from qnnlib.graph.model_io import make_session
 from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import FLOAT, qtype
-from qnnlib.plan import ActivationParams, GroupPlan, QuantPlan
+from qnnlib.plan import SOFTMAX_SOURCE, ActivationParams, GroupPlan, QuantPlan
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def optimize_ranges(float_model: onnx.ModelProto, plan: QuantPlan, extremes: Map
     sim_nodes = {n.name: n for n in sim.model.graph.node}
     constants = {t.name for t in sim.model.graph.initializer}
     todo = [g for g in plan.groups if g.id not in skip and g.params.qtype != FLOAT
-            and g.params.source not in ("override",) and _extent(g, extremes) is not None]
+            and g.params.source not in ("override", SOFTMAX_SOURCE) and _extent(g, extremes) is not None]
     readers = {g.id: _readers(g, float_index, sim, sim_nodes, constants) for g in todo}
     todo = [g for g in todo if readers[g.id]]
     if not todo:
