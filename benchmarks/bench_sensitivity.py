@@ -19,7 +19,6 @@ The OCR recogniser is left out by default to keep the run short (``--models ppoc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import onnxruntime as ort
 
 import qnnlib
 from benchmarks.bench_quantize import HELD
+from benchmarks.runner import run_models
 from benchmarks.tasks import TASKS, Task
 
 CALIB = 32
@@ -122,12 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"onnxruntime {ort.__version__}; {CALIB} calibration samples, configurations measured on {args.samples}")
-    rows = []
-    for name in args.models.split(","):
-        rows.append(bench_model(name, args.samples, not args.no_measure))
-        print(fmt(rows[-1]), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+    run_models(args.models, lambda name: bench_model(name, args.samples, not args.no_measure), fmt, args.json)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import onnxruntime as ort
 
 from benchmarks.bench_quantize import latency, output_sqnr, outputs_of, run_worker, session, write_calib
 from benchmarks.datasets import CACHE
+from benchmarks.runner import run_models
 from benchmarks.tasks import Task
 from benchmarks.threshold_worker import CALIB, build_task
 from qnnlib.fusion import checked_session
@@ -203,14 +204,9 @@ def main() -> None:
     drops = [float(d) for d in args.max_drop.split(",")]
     print(f"onnxruntime {ort.__version__}; {CALIB} calibration + {CALIB} validation samples; "
           f"threshold runs allow a drop of {drops} from the float score", flush=True)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="qnnlib-bench-thr-") as tmp:
-        for name in args.models.split(","):
-            row = bench_model(name, Path(tmp), drops, args.timeout, not args.no_nncf)
-            rows.append(row)
-            print(fmt(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+        run_models(args.models, lambda name: bench_model(name, Path(tmp), drops, args.timeout, not args.no_nncf),
+                   fmt, args.json)
 
 
 if __name__ == "__main__":
