@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from qnnlib.calibration.methods import METHODS, CalibrationMethod, method_from_name
 from qnnlib.errors import ConfigError
+from qnnlib.numerics.affine import is_power_of_two
 from qnnlib.numerics.qtypes import ACTIVATION_TYPES, WEIGHT_TYPES, qtype
 from qnnlib.threshold import Threshold
 
@@ -244,7 +245,7 @@ def _overrides(value: object, *, power_of_two: bool) -> Mapping[str, TensorOverr
     for key, item in value.items():
         if not isinstance(item, TensorOverride):
             raise ConfigError(f"overrides[{key!r}] must be a TensorOverride, got {type(item).__name__}")
-        if power_of_two and item.scale is not None and math.frexp(item.scale)[0] != 0.5:
+        if power_of_two and item.scale is not None and not is_power_of_two(item.scale):
             raise ConfigError(
                 f"overrides[{key!r}].scale = {item.scale!r} is not a power of two, but power_of_two_scales=True; "
                 f"use scale={2.0 ** math.ceil(math.log2(item.scale))!r} or give a range instead"

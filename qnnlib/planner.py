@@ -310,10 +310,11 @@ def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> We
     search = ctx.config.optimizing or narrow
     scales = (affine.mse_weight_scales if search else affine.weight_scales)(w, slot.axis, qmax)
     minimum = None
-    rows = _reduction_rows(node, w)
-    if ctx.config.overflow_fix == "pairs" and wqt.qmax == 127 and ctx.integer_kernel(node) and rows is not None:
-        minimum = affine.pair_safe_scales(rows, scales, qmax)
-        scales = minimum
+    if ctx.config.overflow_fix == "pairs" and wqt.qmax == 127 and ctx.integer_kernel(node):
+        rows = _reduction_rows(node, w)
+        if rows is not None:
+            minimum = affine.pair_safe_scales(rows, scales, qmax)
+            scales = minimum
     if bias is not None and slot.axis is not None and ctx.integer_kernel(node):
         s_in = np.float32(ctx.groups[node.input[0]].params.scale)
         scales = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)

@@ -50,6 +50,7 @@ from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
 from qnnlib.graph.index import GraphIndex, attribute
 from qnnlib.graph.names import NameAllocator
 from qnnlib.graph.passes.opset import default_opset
+from qnnlib.numerics.affine import is_power_of_two
 
 #: The metadata key holding every integer operator's requantisation (JSON).
 METADATA_KEY = "qnnlib.requantization"
@@ -80,13 +81,8 @@ class IntegerModel:
         pooling whose input and output scales are not both powers of two.
         """
         return tuple(name for name, entry in self.requantization.items()
-                     if any(not _is_power_of_two(v) for k, reals in entry.items() if k.endswith("_real")
-                            for v in reals))
-
-
-def _is_power_of_two(m: float) -> bool:
-    """Whether ``m`` is ``2**k`` for an integer ``k`` (0 counts: a zero factor needs no multiplier)."""
-    return m == 0 or (m > 0 and math.frexp(m)[0] == 0.5)
+                     if any(v != 0 and not is_power_of_two(v)  # a zero factor needs no multiplier
+                            for k, reals in entry.items() if k.endswith("_real") for v in reals))
 
 
 def fixed_point(m: float) -> tuple[int, int]:

@@ -11,6 +11,8 @@ Conventions (DESIGN.md section 3):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from qnnlib.numerics.qtypes import INT32, QType
@@ -116,6 +118,22 @@ def weight_scales(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
     return scales
 
 
+def _channel_rows(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """``w`` as (channels, values per channel) along ``axis``; one row when ``axis`` is None."""
+    return w.reshape(1, -1) if axis is None else np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+
+
+def _channel_error(rows: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
+    """Per row, ``sum (w - s * clip(rint(w / s), -qmax, qmax))^2``: the squared error of symmetric rounding."""
+    q = np.clip(np.rint(rows / scales[:, None]), -qmax, qmax)
+    return np.sum((rows - q * scales[:, None]) ** 2, axis=1)
+
+
+def is_power_of_two(x: float) -> bool:
+    """Whether ``x`` is ``2**k`` for an integer ``k`` (``x = 0.5 * 2**e`` exactly)."""
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
 #: Clipping ratios tried by :func:`mse_weight_scales`.
 CLIP_RATIOS = tuple(np.linspace(0.5, 1.0, 26))
 
@@ -128,15 +146,14 @@ def mse_weight_scales(w: np.ndarray, axis: int | None, qmax: int,
     clipping) is among the candidates, so no channel gets worse than :func:`weight_scales`.
     """
     w = np.asarray(w, np.float32)
-    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+    rows = _channel_rows(w, axis)
     amax = np.max(np.abs(rows), axis=1)
     best = weight_scales(w, axis, qmax)
     best_err = np.full(len(amax), np.inf)
     for ratio in sorted(ratios, reverse=True):
         scales = (np.float32(ratio) * amax / np.float32(qmax)).astype(np.float32)
         scales[scales < MIN_SCALE] = 1.0
-        q = np.clip(np.rint(rows / scales[:, None]), -qmax, qmax)
-        err = np.sum((rows - q * scales[:, None]) ** 2, axis=1)
+        err = _channel_error(rows, scales, qmax)
         better = err < best_err
         best[better], best_err[better] = scales[better], err[better]
     return best
@@ -150,16 +167,14 @@ def power_of_two_weight_scales(w: np.ndarray, axis: int | None, qmax: int, scale
     ``qmax * s[c]``, the smaller one clips it but halves the step. ``minimum``: the half is not taken
     where it would fall below ``minimum[c]`` (:func:`pair_safe_scales`).
     """
-    w = np.asarray(w, np.float32)
-    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+    rows = _channel_rows(np.asarray(w, np.float32), axis)
     up = power_of_two_at_least(np.asarray(scales, np.float32).reshape(-1))
     best, best_err = up, np.full(len(up), np.inf)
     half = (up / 2).astype(np.float32)
     if minimum is not None:
         half = np.where(half >= np.asarray(minimum, np.float32).reshape(-1), half, up)
     for candidate in (up, half):
-        q = np.clip(np.rint(rows / candidate[:, None]), -qmax, qmax)
-        err = np.sum((rows - q * candidate[:, None]) ** 2, axis=1)
+        err = _channel_error(rows, candidate, qmax)
         better = err < best_err
         best = np.where(better, candidate, best).astype(np.float32)
         best_err = np.where(better, err, best_err)
