@@ -271,15 +271,9 @@ class _Weights:
         return (_integer_kernel_input(node, self.groups) and node.name not in self.wide_layers
                 and node.name not in self.narrow_layers)
 
-    def constant(self, tensor: str, node: str, kind: str) -> np.ndarray:
-        """A weight or bias value, refused with the node's name when it holds NaN or inf."""
-        value = self.index.constant(tensor).astype(np.float32)
-        if not np.isfinite(value).all():
-            raise ConfigError(
-                f"{kind} {tensor!r} of node {node!r} holds NaN or inf; fix the model, or keep the "
-                f"node in float with QuantConfig(exclude=({node!r},))"
-            )
-        return value
+    def constant(self, tensor: str) -> np.ndarray:
+        """A weight or bias value as float32 (:func:`qnnlib.prepare.check_weights` has refused NaN and inf)."""
+        return self.index.constant(tensor).astype(np.float32)
 
 
 def _weight_plans(index: GraphIndex, selection: Selection, groups: Mapping[str, GroupPlan], config: QuantConfig, *,
@@ -301,7 +295,7 @@ def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> We
     Clipped by MSE when optimising, and always at 4 bits (``qmax = 7``: clipping decides there).
     """
     node = ctx.nodes[slot.node]
-    w = ctx.constant(slot.tensor, slot.node, "weight")
+    w = ctx.constant(slot.tensor)
     narrow = slot.node in ctx.narrow_layers
     wqt = qtype(WIDE_WEIGHT if slot.node in ctx.wide_layers else NARROW_WEIGHT if narrow else ctx.config.weight_type)
     qmax = wqt.qmax
@@ -327,7 +321,7 @@ def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> We
 def _bias_plan(ctx: _Weights, slot: WeightSlot, weight_scales: np.ndarray | None) -> WeightPlan:
     """An int32 bias: at ``s_in * s_w`` for integer kernels, else at a scale of its own."""
     node = ctx.nodes[slot.node]
-    b = ctx.constant(slot.tensor, slot.node, "bias").reshape(-1)
+    b = ctx.constant(slot.tensor).reshape(-1)
     keeps_8_bits = slot.node not in ctx.wide_layers and slot.node not in ctx.narrow_layers
     correction = ctx.corrections.get(slot.node) if keeps_8_bits else None
     if correction is not None:

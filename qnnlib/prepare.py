@@ -15,7 +15,7 @@ import onnx
 from qnnlib.calibration.feeds import GENERATED_SAMPLES, FeedSource, InputSpec, input_specs
 from qnnlib.calibration.generate import generate_inputs
 from qnnlib.config import QuantConfig
-from qnnlib.errors import ConfigError
+from qnnlib.errors import ConfigError, InvalidModelError
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
@@ -68,6 +68,7 @@ def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedMode
         excluded = excluded_nodes(index, config)
         selection = select(index, excluded=excluded, per_channel=config.per_channel and normalized.per_channel_ok)
         check_overrides(index, selection, config)
+        check_weights(index, selection)
         groups = tie_groups(selection.activations, selection.ties)
     return PreparedModel(specs, normalized, index, selection, groups)
 
@@ -98,6 +99,18 @@ def excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:
         hint = f"; did you mean {close}?" if close else f"; nodes are named like {names[:3]}"
         raise ConfigError(f"exclude pattern {unmatched[0]!r} matches no node of the model{hint}")
     return excluded
+
+
+def check_weights(index: GraphIndex, selection: Selection) -> None:
+    """InvalidModelError for a weight or bias to be quantised that holds NaN or inf, before any calibration."""
+    for slot in selection.weights:
+        value = index.constant(slot.tensor)
+        if not np.isfinite(value).all():
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            raise InvalidModelError(
+                f"{slot.kind} {slot.tensor!r} of node {slot.node!r} holds NaN or inf ({bad} of {value.size} values); "
+                f"fix the model, or keep the node in float with QuantConfig(exclude=({slot.node!r},))"
+            )
 
 
 def check_overrides(index: GraphIndex, selection: Selection, config: QuantConfig) -> None:

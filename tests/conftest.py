@@ -48,3 +48,17 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     ref = ref.astype(np.float64)
     noise = np.sum((ref - test.astype(np.float64)) ** 2)
     return float("inf") if noise == 0 else 10 * np.log10(np.sum(ref**2) / noise)
+
+
+def output_errors(model: onnx.ModelProto, quantized: ort.InferenceSession,
+                  feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per output: ``max |y_q - y| / (max(y, 0) - min(y, 0))``, the error as a share of the float range with zero."""
+    names = [o.name for o in model.graph.output]
+    want = session(model).run(names, feeds)
+    got = quantized.run(names, feeds)
+    errors = {}
+    for name, w, g in zip(names, want, got, strict=True):
+        assert w.shape == g.shape, name
+        span = max(float(w.max(initial=0.0)), 0.0) - min(float(w.min(initial=0.0)), 0.0)
+        errors[name] = float(np.abs(w - g).max(initial=0.0)) / max(span, 1e-12)
+    return errors

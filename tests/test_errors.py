@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -207,14 +208,21 @@ def test_conflicting_overrides_in_one_group(model: onnx.ModelProto) -> None:
         qnnlib.quantize(model, [good_feed()], config=config)
 
 
-def test_weights_with_nan_name_the_node() -> None:
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_weights_with_nan_or_inf_name_the_node_before_calibration(bad: float) -> None:
     model = builders.conv_net()
     first_weight = model.graph.initializer[0]
     values = onnx.numpy_helper.to_array(first_weight).copy()
-    values.flat[0] = np.nan
+    values.flat[0] = bad
     first_weight.CopyFrom(onnx.numpy_helper.from_array(values, first_weight.name))
-    with pytest.raises(qnnlib.QnnlibError, match=f"weight '{first_weight.name}'.*NaN"):
-        qnnlib.quantize(model, [good_feed()])
+
+    def feeds() -> Iterator[dict[str, np.ndarray]]:
+        raise AssertionError("calibration data was read before the weights were checked")
+        yield good_feed()
+
+    expected = f"weight '{first_weight.name}' of node 'Conv.*NaN or inf.*exclude"
+    with pytest.raises(qnnlib.InvalidModelError, match=expected):
+        qnnlib.quantize(model, feeds())
 
 
 def test_every_error_is_a_qnnlib_error() -> None:

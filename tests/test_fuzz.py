@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qnnlib
 from qnnlib.coprocessor import InferenceSession
 from tests import builders, fuzz
-from tests.conftest import session as ort_session
+from tests.conftest import output_errors
 
 #: Largest error at an output as a share of its float range (including zero).
 BOUND = 0.1
@@ -32,18 +32,10 @@ EXAMPLES = int(os.environ.get("QNNLIB_FUZZ_EXAMPLES", "200"))
 
 
 def relative_errors(case: fuzz.FuzzCase, result: qnnlib.QuantResult) -> dict[str, float]:
-    """Per output: ``max |y_q - y| / (max(y, 0) - min(y, 0))`` over the calibration samples as one batch."""
+    """:func:`output_errors` over the 8 calibration samples as one batch."""
     feeds = case.feeds(8, batch=1, seed=1)
     batch = {k: np.concatenate([f[k] for f in feeds]) for k in case.input_shapes}
-    names = [o.name for o in case.model.graph.output]
-    want = ort_session(case.model).run(names, batch)
-    got = result.session().run(names, batch)
-    errors = {}
-    for name, w, g in zip(names, want, got, strict=True):
-        assert w.shape == g.shape, name
-        span = max(float(w.max(initial=0.0)), 0.0) - min(float(w.min(initial=0.0)), 0.0)
-        errors[name] = float(np.abs(w - g).max(initial=0.0)) / max(span, 1e-12)
-    return errors
+    return output_errors(case.model, result.session(), batch)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

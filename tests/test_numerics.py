@@ -77,8 +77,11 @@ def test_symmetric_activation_params() -> None:
         affine.activation_qparams(-2.0, 1.0, UINT8, symmetric=True)
 
 
-def test_constant_zero_range_gives_unit_scale() -> None:
-    assert affine.activation_qparams(0.0, 0.0, UINT8) == (np.float32(1.0), 0)
+def test_constant_zero_range_gets_a_fine_grid() -> None:
+    """A constant-zero tensor's scale only sets its readers' bias step, so it is the [0, 1] grid, not 1."""
+    assert affine.activation_qparams(0.0, 0.0, UINT8) == (np.float32(1 / 255), 0)
+    assert affine.activation_qparams(0.0, 0.0, INT8, symmetric=True) == (np.float32(1 / 127), 0)
+    assert affine.activation_qparams(0.0, 0.0, INT8) == (np.float32(1 / 255), -128)
 
 
 @given(hnp.arrays(np.float32, (6, 3, 2, 2), elements=st.floats(-10, 10, width=32)))

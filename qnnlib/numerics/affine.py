@@ -42,23 +42,24 @@ def activation_qparams(lo: float, hi: float, qt: QType, *, symmetric: bool = Fal
     Asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = clip(rint(qmin - lo / s), qmin, qmax)``.
     Symmetric (signed types only): ``s = max(|lo|, |hi|) / qmax``, ``z = 0``.
     ``power_of_two``: ``s`` rounded up to ``2**ceil(log2 s)`` (the range still fits; a step up to twice
-    as coarse), ``z`` computed from that ``s``. A range of width zero gives ``s = 1`` and the zero
-    point of 0.0.
+    as coarse), ``z`` computed from that ``s``.
+
+    A range of width zero (a tensor that was constantly 0) represents 0 at any scale, but the scale
+    still sets the bias step ``s * s_w`` of every layer reading it; it is taken as ``[0, 1]``, a fine
+    step with no risk of int32 bias overflow, rather than onnxruntime's ``s = 1``.
     """
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"range bounds must be finite, got [{lo}, {hi}]")
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < MIN_SCALE:
+        lo, hi = 0.0, 1.0
     if symmetric:
         if not qt.signed:
             raise ValueError(f"symmetric quantisation needs a signed type, got {qt.name}")
         amax = max(-lo, hi)
         scale = np.float32(amax / qt.qmax)
-        if scale < MIN_SCALE:
-            return np.float32(1.0), 0
         return (np.float32(power_of_two_at_least(scale)) if power_of_two else scale), 0
     scale = np.float32((hi - lo) / (qt.qmax - qt.qmin))
-    if scale < MIN_SCALE:
-        return np.float32(1.0), 0 if qt.signed else qt.qmin
     if power_of_two:
         scale = np.float32(power_of_two_at_least(scale))
     zero_point = int(np.clip(np.rint(qt.qmin - np.float32(lo) / scale), qt.qmin, qt.qmax))
