@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import make_session, temporary_directory
 
 if TYPE_CHECKING:
@@ -44,11 +43,13 @@ def summarize(optimized: onnx.ModelProto) -> FusionSummary:
 def checked_session(model: onnx.ModelProto, extra_outputs: Sequence[str] = (), *,
                     verify: bool = True) -> tuple[ort.InferenceSession, FusionSummary | None]:
     """A session on ``model`` (plus ``extra_outputs``) and, when ``verify``, what onnxruntime fused in it."""
-    probe = with_outputs(model, extra_outputs) if extra_outputs else model
     if not verify:
-        return make_session(probe, log_errors_as="quantised model"), None
+        return make_session(model, outputs=extra_outputs, log_errors_as="quantised model"), None
     with temporary_directory() as tmp:
         path = tmp / "optimized.onnx"
-        session = make_session(probe, optimized_model_path=str(path), log_errors_as="quantised model")
-        optimized = onnx.load(str(path))
+        session = make_session(model, outputs=extra_outputs, optimized_model_path=str(path),
+                               log_errors_as="quantised model")
+        # only op types are counted; a large model's weights stay where onnxruntime left them, which may
+        # be the external-data file of a temp directory make_session has already removed
+        optimized = onnx.load(str(path), load_external_data=False)
     return session, summarize(optimized)

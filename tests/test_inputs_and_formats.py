@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qnnlib
+from qnnlib.graph import model_io
 from qnnlib.graph.model_io import load_model
 from tests import builders
 from tests.conftest import optimized_op_types, run, sqnr_db
@@ -280,6 +283,40 @@ def test_nothing_written_to_working_directory(tmp_path: Path, model: onnx.ModelP
     finally:
         os.chdir(cwd)
     assert list(tmp_path.iterdir()) == []
+
+
+def _bad_third_sample(feeds: list[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    yield from feeds[:2]
+    yield {"input": np.full_like(feeds[0]["input"], np.nan)}
+
+
+@pytest.mark.parametrize("case", ["success", "bad sample after spooling", "strict threshold", "large-model path"])
+def test_temporary_files_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: onnx.ModelProto,
+                                     feeds: list[dict[str, np.ndarray]], case: str) -> None:
+    """Whatever happens, qnnlib leaves nothing in the temp directory (nor the working directory).
+
+    A one-shot generator is spooled to a temp directory; models past the external-data threshold go
+    to onnxruntime through one; each case below passes through those paths and ends as it says.
+    """
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.chdir(tmp_path)
+    if case == "success":
+        qnnlib.quantize(model, iter(feeds), config=qnnlib.QuantConfig(threshold=qnnlib.Threshold(metric="sqnr", min=1)))
+    elif case == "bad sample after spooling":
+        with pytest.raises(qnnlib.CalibrationDataError, match="sample 2"):
+            qnnlib.quantize(model, _bad_third_sample(feeds))
+    elif case == "strict threshold":
+        strict = qnnlib.Threshold(metric="max_abs", max=0.0, strict=True)
+        with pytest.raises(qnnlib.ThresholdError):
+            qnnlib.quantize(model, iter(feeds), config=qnnlib.QuantConfig(threshold=strict, precisions=("int8",)))
+    else:
+        monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+        monkeypatch.setattr(model_io, "SESSION_FILE_BYTES", 1000)
+        qnnlib.quantize(model, iter(feeds)).session()
+    assert list(temp.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["temp"]
 
 
 def test_unconvertible_old_opset_falls_back_to_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,6 @@ import onnx
 from qnnlib.calibration.feeds import FeedSource
 from qnnlib.calibration.methods import CalibrationMethod, Observer
 from qnnlib.errors import SessionError, first_line
-from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import make_session
 from qnnlib.numerics.metrics import reference_positions
 
@@ -78,8 +77,8 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     # A two-stage pipeline: onnxruntime (one thread) runs sample i + 1 while this thread updates the
     # observers with sample i, so two samples' tensors are alive at once. When one sample's tensors
     # exceed PIPELINE_BYTES the pass runs one sample at a time instead.
-    augmented = with_outputs(model, wanted)
-    sessions = [make_session(augmented, threads=CALIBRATION_THREADS, log_errors_as="float model for calibration")]
+    sessions = [make_session(model, outputs=wanted, threads=CALIBRATION_THREADS,
+                             log_errors_as="float model for calibration")]
     observe_only = list(observe)
 
     def run(index: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,7 +106,8 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
             if samples == 1:
                 pipelined = sum(np.asarray(v).nbytes for v in pending.result().values()) <= PIPELINE_BYTES
                 if not pipelined:  # one sample at a time: give onnxruntime every core
-                    sessions[:] = [make_session(augmented, log_errors_as="float model for calibration")]
+                    sessions.clear()  # one session alive at a time: each holds the model's weights
+                    sessions.append(make_session(model, outputs=wanted, log_errors_as="float model for calibration"))
             if not pipelined:
                 consume(pending.result())
                 pending = None

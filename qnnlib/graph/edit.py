@@ -19,10 +19,10 @@ def replace_nodes(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto]) -> No
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers that no node (or subgraph) reads and that are not graph outputs."""
     index = GraphIndex(model)
-    keep = [t for t in model.graph.initializer if index.uses(t.name) or index.is_graph_output(t.name)]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+    inits = model.graph.initializer
+    unused = [i for i, t in enumerate(inits) if not (index.uses(t.name) or index.is_graph_output(t.name))]
+    for i in reversed(unused):  # in place: rebuilding the list would copy every weight that stays
+        del inits[i]
 
 
 def rename_reads(model: onnx.ModelProto, old: str, new: str) -> None:

@@ -6,10 +6,11 @@ Only this module and the emitters touch files and serialised protos.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ ModelLike = str | os.PathLike | bytes | onnx.ModelProto
 
 #: Serialised protobufs cannot exceed 2 GiB; above this size weights go to external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Above this size a model goes to onnxruntime as a file with external data rather than as bytes.
+SESSION_FILE_BYTES = 64_000_000
 
 
 def load_model(model: ModelLike) -> onnx.ModelProto:
@@ -97,18 +100,104 @@ def _require_inline_data(proto: onnx.ModelProto, what: str) -> None:
         )
 
 
+#: Initializers above this many bytes are left out of the model shape inference sees (their type and
+#: shape stand in for them); small ones stay, since data propagation reads shape constants.
+SKELETON_BYTES = 4096
+
+
+def _without_initializers(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
+    """A copy of ``model`` but for its graph's initializers (outputs ``extra_outputs`` too): kilobytes to copy."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            if isinstance(value, (str, bytes, int)):
+                setattr(light, field.name, value)
+            else:
+                getattr(light, field.name).extend(value)
+    graph, out = model.graph, light.graph
+    for field, value in graph.ListFields():
+        if field.name in ("name", "doc_string"):
+            setattr(out, field.name, value)
+        elif field.name != "initializer":
+            getattr(out, field.name).extend(value)
+    present = {o.name for o in out.output}
+    for name in dict.fromkeys(extra_outputs):
+        if name not in present:
+            out.output.append(onnx.ValueInfoProto(name=name))
+    return light
+
+
+def _is_large(init: onnx.TensorProto) -> bool:
+    return init.ByteSize() > SKELETON_BYTES
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its large initializers, each replaced by a graph input of its type and shape.
+
+    Shape inference and onnx.checker need only these; the copy costs kilobytes where the model may
+    be gigabytes (a full copy, serialised to C++ and back, is four times the weights).
+    """
+    light = _without_initializers(model)
+    inputs = {i.name for i in model.graph.input}
+    for init in model.graph.initializer:
+        if not _is_large(init):
+            light.graph.initializer.append(init)
+        elif init.name not in inputs:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path, extra_outputs: Sequence[str] = ()) -> None:
+    """Write ``model`` to ``path`` with every large raw-data initializer in ``<name>.data`` beside it.
+
+    Each tensor's bytes are written straight from the model, which is neither copied nor changed
+    (``onnx.save_model`` with external data edits the proto it is given, so it needs a full copy).
+    ``extra_outputs`` are added to the written graph's outputs.
+    """
+    light = _without_initializers(model, extra_outputs)
+    location = path.name + ".data"
+    with open(path.parent / location, "wb") as data:
+        for init in model.graph.initializer:
+            if not (_is_large(init) and init.HasField("raw_data")):
+                light.graph.initializer.append(init)
+                continue
+            raw = init.raw_data
+            ref = light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                              data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", location), ("offset", str(data.tell())), ("length", str(len(raw)))):
+                ref.external_data.add(key=key, value=value)
+            data.write(raw)
+    path.write_bytes(light.SerializeToString())
+
+
+#: Element types stored one per ``itemsize`` bytes in raw_data (not packed 4-bit, not strings).
+_WHOLE_BYTE_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+})
+
+
 def check_model(proto: onnx.ModelProto) -> None:
-    """Run onnx.checker; raise InvalidModelError with its words and the fix."""
+    """Run onnx.checker on the :func:`skeleton`, and check the size of each large initializer's data.
+
+    Raises InvalidModelError with the checker's words and the fix.
+    """
     if proto.ir_version < 3:
         raise UnsupportedModelError(
             f"the model has IR version {proto.ir_version}; qnnlib needs IR version 3 or later "
             "(re-export the model with a current exporter)"
         )
-    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-        log.info("model over %d bytes: structural check only", EXTERNAL_DATA_THRESHOLD)
-        return
+    for init in proto.graph.initializer:
+        if init.ByteSize() > SKELETON_BYTES and init.HasField("raw_data") and init.data_type in _WHOLE_BYTE_TYPES:
+            expected = math.prod(init.dims) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            if len(init.raw_data) != expected:
+                raise InvalidModelError(
+                    f"initializer {init.name!r} has {len(init.raw_data)} bytes of data where its shape "
+                    f"{list(init.dims)} needs {expected}; the file is damaged or the exporter is wrong"
+                )
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(skeleton(proto))
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InvalidModelError(
@@ -129,14 +218,7 @@ def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if external_data is None:
         external_data = model_size(proto) > EXTERNAL_DATA_THRESHOLD
     if external_data:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
-        location = path.name + ".data"
-        data_path = path.parent / location
-        if data_path.exists():
-            data_path.unlink()
-        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=location, size_threshold=1024)
+        write_with_external_data(proto, path)
     else:
         onnx.save_model(proto, str(path))
 
@@ -151,9 +233,14 @@ def temporary_directory(prefix: str = "qnnlib-") -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def make_session(proto: onnx.ModelProto, *, threads: int | None = None, optimization: str = "all",
-                 optimized_model_path: str | None = None, log_errors_as: str = "model") -> ort.InferenceSession:
-    """An onnxruntime CPU session on ``proto``; onnxruntime errors become SessionError."""
+def make_session(proto: onnx.ModelProto, *, outputs: Sequence[str] = (), threads: int | None = None,
+                 optimization: str = "all", optimized_model_path: str | None = None,
+                 log_errors_as: str = "model") -> ort.InferenceSession:
+    """An onnxruntime CPU session on ``proto``, which also outputs ``outputs``; its errors become SessionError.
+
+    A model over :data:`SESSION_FILE_BYTES` reaches onnxruntime as a file with external data in a
+    temp directory, so that neither a copy of the model nor its serialised bytes are held in memory.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -171,12 +258,15 @@ def make_session(proto: onnx.ModelProto, *, threads: int | None = None, optimiza
     if optimized_model_path is not None:
         options.optimized_model_filepath = optimized_model_path
     try:
-        if model_size(proto) > EXTERNAL_DATA_THRESHOLD:
+        if model_size(proto) > SESSION_FILE_BYTES:
             with temporary_directory() as tmp:
                 path = tmp / "model.onnx"
-                save_model(proto, path, external_data=True)
+                write_with_external_data(proto, path, outputs)
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        probe = _without_initializers(proto, outputs) if outputs else proto
+        if outputs:
+            probe.graph.initializer.extend(proto.graph.initializer)
+        return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise SessionError(f"onnxruntime could not load the {log_errors_as}: {first_line(exc)}"
                            + _custom_op_hint(proto)) from exc

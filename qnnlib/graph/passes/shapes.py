@@ -9,20 +9,25 @@ from onnx import TensorProto, helper
 
 from qnnlib.errors import first_line
 from qnnlib.graph.index import GraphIndex
-from qnnlib.graph.model_io import EXTERNAL_DATA_THRESHOLD, model_size
+from qnnlib.graph.model_io import skeleton
 
 log = logging.getLogger(__name__)
 
-
 def infer_types(model: onnx.ModelProto) -> list[str]:
-    """Infer shapes and types; ask onnxruntime for element types shape inference leaves unknown."""
+    """Infer shapes and types (on the :func:`skeleton`); ask onnxruntime for element types still unknown.
+
+    What inference adds is copied back: the graph's value_info, its outputs' shapes, and the nodes
+    (whose subgraphs get annotated).
+    """
     notes: list[str] = []
-    if model_size(model) < EXTERNAL_DATA_THRESHOLD:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-            model.CopyFrom(inferred)
-        except Exception as exc:  # inference raises InferenceError or RuntimeError with custom ops
-            notes.append(f"shape inference failed ({first_line(exc)}); element types come from onnxruntime")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=False, strict_mode=False,
+                                                     data_prop=True).graph
+        for name in ("value_info", "output", "node"):
+            model.graph.ClearField(name)
+            getattr(model.graph, name).extend(getattr(inferred, name))
+    except Exception as exc:  # inference raises InferenceError or RuntimeError with custom ops
+        notes.append(f"shape inference failed ({first_line(exc)}); element types come from onnxruntime")
     index = GraphIndex(model)
     unknown = [o for n in index.nodes for o in n.output if o and index.elem_type(o) is None]
     if unknown:
@@ -32,11 +37,10 @@ def infer_types(model: onnx.ModelProto) -> list[str]:
 
 def _types_from_onnxruntime(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
     from qnnlib.errors import SessionError
-    from qnnlib.graph.edit import with_outputs
     from qnnlib.graph.model_io import make_session
 
     try:
-        session = make_session(with_outputs(model, tensors), optimization="disable")
+        session = make_session(model, outputs=tensors, optimization="disable")
     except SessionError as exc:
         return [f"element types of {len(tensors)} tensors are unknown ({exc}); they are not quantised"]
     types = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16,
