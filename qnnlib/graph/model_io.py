@@ -127,8 +127,21 @@ def _without_initializers(model: onnx.ModelProto, extra_outputs: Sequence[str] =
     return light
 
 
+def tensor_bytes(init: onnx.TensorProto) -> int:
+    """Bytes of an initializer's data, from its shape where the type allows (0 for external data).
+
+    protobuf's ``ByteSize()`` serialises the message to measure it (upb), which costs as much as
+    saving it and fails past 2 GiB.
+    """
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    if init.data_type in _WHOLE_BYTE_TYPES:
+        return math.prod(init.dims) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return int(init.ByteSize())
+
+
 def _is_large(init: onnx.TensorProto) -> bool:
-    return init.ByteSize() > SKELETON_BYTES
+    return tensor_bytes(init) > SKELETON_BYTES
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -189,8 +202,8 @@ def check_model(proto: onnx.ModelProto) -> None:
             "(re-export the model with a current exporter)"
         )
     for init in proto.graph.initializer:
-        if init.ByteSize() > SKELETON_BYTES and init.HasField("raw_data") and init.data_type in _WHOLE_BYTE_TYPES:
-            expected = math.prod(init.dims) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        if _is_large(init) and init.HasField("raw_data") and init.data_type in _WHOLE_BYTE_TYPES:
+            expected = tensor_bytes(init)
             if len(init.raw_data) != expected:
                 raise InvalidModelError(
                     f"initializer {init.name!r} has {len(init.raw_data)} bytes of data where its shape "
@@ -207,8 +220,9 @@ def check_model(proto: onnx.ModelProto) -> None:
 
 
 def model_size(proto: onnx.ModelProto) -> int:
-    """Serialised size in bytes, without serialising huge models twice."""
-    return int(proto.ByteSize())
+    """About the serialised size in bytes: the initializers' data and the nodes, without serialising the weights."""
+    graph = proto.graph
+    return sum(tensor_bytes(t) for t in graph.initializer) + sum(int(n.ByteSize()) for n in graph.node)
 
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
