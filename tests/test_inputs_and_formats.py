@@ -399,3 +399,44 @@ def test_metadata_survives_opset_upgrade() -> None:
     assert out.doc_string == "old model"
     assert {p.key: p.value for p in out.metadata_props}["source"] == "exporter x"
     assert any(op.domain == "com.example.unused" for op in out.opset_import)
+
+
+# -- large models: nothing serialised or copied whole -------------------------------------------
+@pytest.mark.parametrize("build", [builders.conv_net, builders.transformer_block])
+def test_shape_inference_on_the_skeleton_equals_inference_on_the_model(build) -> None:  # type: ignore[no-untyped-def]
+    model = build()
+    full = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    light = onnx.shape_inference.infer_shapes(model_io.skeleton(model), check_type=False, strict_mode=False,
+                                              data_prop=True)
+    assert list(light.graph.value_info) == list(full.graph.value_info)
+    assert list(light.graph.output) == list(full.graph.output)
+    assert sum(model_io.tensor_bytes(t) for t in light.graph.initializer) <= 4096 * len(light.graph.initializer)
+
+
+def test_external_data_writer_leaves_the_model_alone(tmp_path: Path, model: onnx.ModelProto,
+                                                     feeds: list[dict[str, np.ndarray]]) -> None:
+    before = model.SerializeToString()
+    path = tmp_path / "written.onnx"
+    model_io.write_with_external_data(model, path, extra_outputs=[model.graph.node[0].output[0]])
+    assert model.SerializeToString() == before
+    large = [model_io.tensor_bytes(t) for t in model.graph.initializer if model_io.tensor_bytes(t) > 4096]
+    assert large and (tmp_path / "written.onnx.data").stat().st_size == sum(large)
+    reloaded = load_model(path)
+    assert [o.name for o in reloaded.graph.output] == [*(o.name for o in model.graph.output),
+                                                       model.graph.node[0].output[0]]
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in reloaded.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+    np.testing.assert_array_equal(run(reloaded, feeds[0])[0], run(model, feeds[0])[0])
+
+
+def test_model_size_is_close_to_the_serialised_size(model: onnx.ModelProto) -> None:
+    assert model_io.model_size(model) == pytest.approx(model.ByteSize(), rel=0.05)
+
+
+def test_damaged_weight_data_names_the_initializer(model: onnx.ModelProto) -> None:
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    weight = max(broken.graph.initializer, key=model_io.tensor_bytes)
+    weight.raw_data = weight.raw_data[:-4]
+    with pytest.raises(qnnlib.InvalidModelError, match=f"initializer '{weight.name}' has .* bytes"):
+        qnnlib.quantize(broken, None)
