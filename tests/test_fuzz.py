@@ -133,6 +133,20 @@ def test_softmax_output_grid_reaches_one() -> None:
     assert _worst(model) <= BOUND
 
 
+def test_softmax_over_an_axis_of_size_one() -> None:
+    """Softmax after GlobalAveragePool over its size-1 last axis is always 1; QLinearSoftmax returned 0."""
+    model = _model([helper.make_node("Conv", ["x", "w1"], ["c"]),
+                    helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+                    helper.make_node("Softmax", ["g"], ["s"], axis=-1),
+                    helper.make_node("Conv", ["s", "w2"], ["y"])],
+                   [_const("w1", np.linspace(-1, 1, 4 * 3 * 9).reshape(4, 3, 3, 3)),
+                    _const("w2", np.linspace(-1, 1, 8).reshape(2, 4, 1, 1))], {"x": ["N", 3, 6, 6]}, ["y"])
+    assert _worst(model) <= 0.01
+    result = qnnlib.quantize(model, _case(model).feeds(2, batch=1, seed=1))
+    assert "Softmax" not in {n.op_type for n in result.model.graph.node}
+    assert any("Softmax over an axis of size 1" in note for note in result.report.notes)
+
+
 def test_clip_does_not_fold_into_a_group_another_reader_needs() -> None:
     """Concat(x, x) -> Clip: folding would clip x itself, which a MatMul also reads."""
     model = _model([helper.make_node("Concat", ["x", "x"], ["c"], axis=1),

@@ -17,6 +17,8 @@ They run in :func:`normalize` in this order:
 7. ``fold_batchnorm``: (after reading every BatchNormalization's statistics for generated data)
    BatchNormalization after a Conv is folded into the Conv's weight and bias.
 8. ``fold_conv_add``: a constant per-channel Add after a Conv (CNTK's bias) joins the Conv's bias.
+8b. ``constant_softmax``: a Softmax over an axis of size 1 (always 1) becomes ``x * 0 + 1``, since
+   onnxruntime's QLinearSoftmax returns 0 there.
 9. ``matmul_add_to_gemm``: a 2-D MatMul with constant weights followed by a constant bias Add
    becomes a Gemm, whose bias is quantised to int32 (onnxruntime would otherwise fuse the pair
    into a float Gemm before its QDQ fusions).
@@ -39,6 +41,7 @@ from qnnlib.graph.passes.identities import eliminate_identities
 from qnnlib.graph.passes.naming import name_nodes
 from qnnlib.graph.passes.opset import PER_CHANNEL_OPSET, default_opset, upgrade_opset
 from qnnlib.graph.passes.shapes import infer_types
+from qnnlib.graph.passes.softmax import constant_softmax
 from qnnlib.graph.passes.weight_inputs import weight_inputs_to_initializers
 
 __all__ = ["PER_CHANNEL_OPSET", "NormalizedModel", "default_opset", "normalize"]
@@ -85,7 +88,7 @@ def normalize(model: onnx.ModelProto, *, fold_batchnorm_nodes: bool = True) -> N
     if fold_batchnorm_nodes:
         notes += fold_batchnorm(model)
         notes += infer_types(model)
-    fused = fold_conv_add(model) + matmul_add_to_gemm(model)
+    fused = fold_conv_add(model) + constant_softmax(model) + matmul_add_to_gemm(model)
     if fused:
         notes += fused
         notes += infer_types(model)
