@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.bench_quantize import run_worker
+
 SEQ = 16
 SAMPLES = 8
 
@@ -57,15 +59,6 @@ def files_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def _worker(tool: str, model: Path, calib: Path, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.quantize_worker", tool, str(model), str(calib), str(out),
-           "--input", "x", "--large"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    stats: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    stats["output_bytes"] = files_size(out)
-    return stats
 
 
 _CHECK = """
@@ -103,10 +96,11 @@ def main() -> None:
         outputs = {}
         for tool in ("qnnlib", "ort"):
             out = work / f"{tool}.onnx"
-            stats = row[tool] = _worker(tool, model, calib, out)
+            stats = row[tool] = run_worker(tool, model, "x", calib, out, method="minmax", large=True)
             if "error" in stats:
                 print(f"  {tool:7s} failed: {stats['error']}", flush=True)
                 continue
+            stats["output_bytes"] = files_size(out)
             outputs[tool] = str(out)
             print(f"  {tool:7s} peak {stats['peak_rss_mb'] / 1024:.2f} GB = {stats['peak_rss_mb'] * 2**20 / size:.2f}x "
                   f"the model; {stats['time']:.1f} s; output {stats['output_bytes'] / 1e9:.2f} GB", flush=True)

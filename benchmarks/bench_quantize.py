@@ -39,11 +39,15 @@ def write_calib(task: Task, directory: Path, count: int | None = None) -> Path:
     return directory
 
 
-def run_worker(tool: str, task: Task, calib_dir: Path, out: Path, *, method: str, samples: int | None = None) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.quantize_worker", tool, str(task.model_path), str(calib_dir), str(out),
-           "--input", task.input_name, "--method", method]
+def run_worker(tool: str, model: Path, input_name: str, calib_dir: Path, out: Path, *, method: str,
+               samples: int | None = None, large: bool = False) -> dict:
+    """Quantise ``model`` with ``tool`` in a fresh process (:mod:`benchmarks.quantize_worker`); its JSON stats."""
+    cmd = [sys.executable, "-m", "benchmarks.quantize_worker", tool, str(model), str(calib_dir), str(out),
+           "--input", input_name, "--method", method]
     if samples:
         cmd += ["--samples", str(samples)]
+    if large:
+        cmd.append("--large")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -95,7 +99,7 @@ def bench_model(name: str, n_calib: int, work: Path, method: str) -> dict:
     runs = {"qnnlib": ("qnnlib", method), "qnnlib-minmax": ("qnnlib", "minmax"), "ort": ("ort", "minmax")}
     for label, (tool, m) in runs.items():
         out = work / name / f"{label}.onnx"
-        stats = run_worker(tool, task, calib_dir, out, method=m)
+        stats = run_worker(tool, task.model_path, task.input_name, calib_dir, out, method=m)
         row[label] = stats
         if "error" not in stats:
             paths[label] = out
@@ -118,7 +122,8 @@ def bench_memory(name: str, work: Path, method: str) -> dict:
     out: dict = {"model": name}
     for tool, m in (("qnnlib", method), ("ort", "minmax")):
         for n in (32, 256):
-            stats = run_worker(tool, task, calib_dir, work / f"{name}-mem" / f"{tool}-{n}.onnx", method=m, samples=n)
+            out_path = work / f"{name}-mem" / f"{tool}-{n}.onnx"
+            stats = run_worker(tool, task.model_path, task.input_name, calib_dir, out_path, method=m, samples=n)
             out[f"{tool}-{n}"] = stats
     return out
 

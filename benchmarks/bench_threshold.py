@@ -113,7 +113,8 @@ def bench_model(name: str, work: Path, drops: list[float], timeout: float, with_
     outputs: dict[str, Path] = {}
     for label, (tool, method) in {**INT8_RUNS, OPTIMIZED: ("qnnlib", "optimized")}.items():
         outputs[label] = work / name / f"{label.replace(' ', '-')}.onnx"
-        row["runs"][label] = run_worker(tool, task, calib_dir, outputs[label], method=method)
+        row["runs"][label] = run_worker(tool, task.model_path, task.input_name, calib_dir, outputs[label],
+                                           method=method)
     aware = [("nncf", "nncf", drops[0])] if with_nncf else []
     for drop in drops:
         aware.append((f"{THRESHOLD} {drop}", "qnnlib-threshold", drop))
