@@ -41,15 +41,20 @@ def rename_writes(model: onnx.ModelProto, old: str, new: str) -> None:
                 node.output[i] = new
 
 
+def add_outputs(graph: onnx.GraphProto, tensors: Sequence[str]) -> None:
+    """Make ``graph`` also output ``tensors`` (untyped: onnxruntime infers their types)."""
+    present = {o.name for o in graph.output}
+    for name in tensors:
+        if name not in present:
+            graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+
+
 def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` whose graph also outputs ``tensors`` (onnxruntime infers their types)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
+    add_outputs(probe.graph, tensors)
     return probe
 
 

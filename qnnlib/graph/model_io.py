@@ -19,6 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from qnnlib.errors import InvalidModelError, ModelLoadError, SessionError, UnsupportedModelError, first_line
+from qnnlib.graph.edit import add_outputs, with_outputs
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -120,10 +121,7 @@ def _without_initializers(model: onnx.ModelProto, extra_outputs: Sequence[str] =
             setattr(out, field.name, value)
         elif field.name != "initializer":
             getattr(out, field.name).extend(value)
-    present = {o.name for o in out.output}
-    for name in dict.fromkeys(extra_outputs):
-        if name not in present:
-            out.output.append(onnx.ValueInfoProto(name=name))
+    add_outputs(out, extra_outputs)
     return light
 
 
@@ -203,10 +201,10 @@ def check_model(proto: onnx.ModelProto) -> None:
         )
     for init in proto.graph.initializer:
         if _is_large(init) and init.HasField("raw_data") and init.data_type in _WHOLE_BYTE_TYPES:
-            expected = tensor_bytes(init)
-            if len(init.raw_data) != expected:
+            expected, stored = tensor_bytes(init), len(init.raw_data)  # raw_data is copied on each read
+            if stored != expected:
                 raise InvalidModelError(
-                    f"initializer {init.name!r} has {len(init.raw_data)} bytes of data where its shape "
+                    f"initializer {init.name!r} has {stored} bytes of data where its shape "
                     f"{list(init.dims)} needs {expected}; the file is damaged or the exporter is wrong"
                 )
     try:
@@ -277,9 +275,7 @@ def make_session(proto: onnx.ModelProto, *, outputs: Sequence[str] = (), threads
                 path = tmp / "model.onnx"
                 write_with_external_data(proto, path, outputs)
                 return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        probe = _without_initializers(proto, outputs) if outputs else proto
-        if outputs:
-            probe.graph.initializer.extend(proto.graph.initializer)
+        probe = with_outputs(proto, outputs) if outputs else proto
         return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise SessionError(f"onnxruntime could not load the {log_errors_as}: {first_line(exc)}"

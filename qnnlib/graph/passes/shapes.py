@@ -13,6 +13,7 @@ from qnnlib.graph.model_io import skeleton
 
 log = logging.getLogger(__name__)
 
+
 def infer_types(model: onnx.ModelProto) -> list[str]:
     """Infer shapes and types (on the :func:`skeleton`); ask onnxruntime for element types still unknown.
 
