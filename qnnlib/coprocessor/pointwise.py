@@ -246,7 +246,10 @@ def qlinear_average_pool(attrs: dict[str, Any], consts: Arrays, policy: str) -> 
 
 
 def quantize_linear(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
-    """Float to integer at the coprocessor's border: ``clip(rint(x / s) + z)`` per tensor or along ``axis``."""
+    """Float to integer at the coprocessor's border: ``clip(rint(x / s) + z)`` per tensor or along ``axis``.
+
+    NaN becomes the type's minimum, as in onnxruntime.
+    """
     scale, zero = consts[1], consts[2]
     assert scale is not None and zero is not None
     axis = int(attrs.get("axis", 1))
@@ -255,7 +258,10 @@ def quantize_linear(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compi
         x = ins[0]
         assert x is not None
         s, z = _along(scale, x.ndim, axis), _along(zero, x.ndim, axis)
-        return [_clip_to(np.rint(x.astype(f32) / s.astype(f32)) + z.astype(f32), zero.dtype)]
+        values = np.rint(x.astype(f32) / s.astype(f32)) + z.astype(f32)
+        info = np.iinfo(zero.dtype)
+        # fmax and fmin, not clip: they give qmin for NaN, as onnxruntime does
+        return [np.fmin(np.fmax(values, f32(info.min)), f32(info.max)).astype(zero.dtype)]
 
     return run
 
