@@ -93,9 +93,9 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
             raise ConfigError(f"override zero_point {zp} for {hit[0]!r} is outside {qt.name} [{qt.qmin}, {qt.qmax}]")
         scale = np.float32(override.scale)
         return ActivationParams(qt.name, float(scale), zp, affine.representable_range(scale, zp, qt), "override")
-    if hit is None and qt.bits == 8 and _holds_softmax_output(group, index):
+    if hit is None and qt.bits == 8 and _softmax_rows(group, index):
         return _softmax_params(group_range(group, ranges, index), qt, symmetric=config.activation_symmetric,
-                               power_of_two=config.power_of_two_scales)
+                               power_of_two=config.power_of_two_scales, row=min(_softmax_rows(group, index)))
     if hit is not None:
         lo, hi = hit[1].range  # type: ignore[misc]
         source = "override"
@@ -110,24 +110,83 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
     return ActivationParams(qt.name, float(scale), int(zp), (float(lo), float(hi)), source)
 
 
-def _holds_softmax_output(group: TiedGroup, index: GraphIndex) -> bool:
-    return any((p := index.producer(m)) is not None and p.op_type == "Softmax" for m in group.members)
+#: QLinearSoftmax (onnxruntime 1.31) computes ``p * floor(1 / s)`` in float32 from exponentials scaled
+#: up to ``FLT_MAX / (e^5 * D)`` for rows of ``D`` values, so ``floor(1 / s)`` above ``e^5 * D`` (148 D)
+#: overflows to inf and the row comes out 0 (measured: the limit is 148.4 D for D from 2 to 1024). A
+#: Softmax output's grid may be finer than 1/256 by at most this factor of ``D``, less than half the limit.
+SOFTMAX_STEPS_PER_ROW_VALUE = 64
+
+
+def _softmax_rows(group: TiedGroup, index: GraphIndex) -> list[int]:
+    """The row length (axis size) of every Softmax writing a member; 0 where the shape is not known.
+
+    Empty when no Softmax writes a member.
+    """
+    rows = []
+    for member in group.members:
+        node = index.producer(member)
+        if node is None or node.op_type != "Softmax":
+            continue
+        shape = index.shape(node.input[0])
+        size = 0
+        if shape:
+            axis = int(attribute(node, "axis", -1))
+            dim = shape[axis] if -len(shape) <= axis < len(shape) else None
+            size = dim if isinstance(dim, int) and dim > 0 else 0
+        rows.append(size)
+    return rows
+
+
+def softmax_steps(hi: float, row: int, qmax: int, *, power_of_two: bool) -> int:
+    """``N``, the steps per unit of an unsigned 8-bit Softmax output grid ``s = 1/N``.
+
+    ``N = floor(qmax / hi)``, so that the grid reaches the observed maximum ``hi``, kept within
+    ``[256, SOFTMAX_STEPS_PER_ROW_VALUE * row]``: never coarser than onnxruntime's quantiser's 1/256,
+    never past the point where QLinearSoftmax overflows. Rows of unknown length get 256. With
+    ``power_of_two`` N is rounded down to a power of two.
+    """
+    steps = 256
+    if row > 0 and hi > 0.0:
+        steps = max(256, min(int(qmax / hi), SOFTMAX_STEPS_PER_ROW_VALUE * row))
+    if power_of_two:
+        steps = 1 << (steps.bit_length() - 1)
+    return steps
+
+
+def reciprocal_scale(steps: int) -> np.float32:
+    """The float32 ``s`` nearest ``1/N`` with ``floor(1 / s) == N`` in float32.
+
+    QLinearSoftmax quantises with ``floor(1 / s)`` steps per unit rather than ``1 / s``; for
+    ``N = 1000``, ``float32(1/1000)`` gives 999. The scale is nudged down by ulps until the kernel's
+    step count and the QuantizeLinear it replaces agree.
+    """
+    scale = np.float32(1.0 / steps)
+    while np.floor(np.float32(1.0) / scale) < steps:
+        scale = np.nextafter(scale, np.float32(0.0))
+    return np.float32(scale)
 
 
 def _softmax_params(observed: tuple[float, float], qt: QType, *, symmetric: bool,
-                    power_of_two: bool) -> ActivationParams:
-    """The 8-bit parameters of a group holding a Softmax output: its grid covers [0, 1].
+                    power_of_two: bool, row: int) -> ActivationParams:
+    """The 8-bit parameters of a group holding a Softmax output: its grid starts at 0.
 
-    onnxruntime fuses DequantizeLinear, Softmax, QuantizeLinear into QLinearSoftmax, and that kernel
-    (1.31) returns wrong values when the output grid does not reach 1: at ``s = 1/512``, or at a
-    calibrated ``s = 0.0017`` (outputs up to 0.43), every output was 0. A group within [0, 1] gets
-    onnxruntime's quantiser's grid, ``s = 1/256`` with ``z = qmin`` (``1/128, z = 0`` for symmetric
-    int8); a group whose other members reach outside (a Concat with other inputs) gets its observed
-    range widened to cover [0, 1].
+    onnxruntime fuses DequantizeLinear, Softmax, QuantizeLinear into QLinearSoftmax. A group within
+    [0, 1] gets the grid ``s = 1/N``, ``z = qmin`` with ``N`` from :func:`softmax_steps`: 1/256
+    (onnxruntime's quantiser's grid) when the outputs reach 1, finer when long rows keep every
+    probability small (rows of 1024 values, probabilities below 0.01: at 1/256 most of them round
+    to 0 and the readers see nothing). Symmetric int8 keeps ``1/128, z = 0``, and signed int8
+    keeps ``1/256``: its kernel wraps values past 127 instead of clamping them, so a grid that
+    stops short of the largest probability is unsafe there. A group whose other members reach
+    outside [0, 1] (a Concat with other inputs) gets its observed range widened to cover [0, 1].
     """
     lo, hi = observed
     if lo >= 0.0 and hi <= 1.0:
-        scale, zero = np.float32(1.0 / 128 if symmetric else 1.0 / 256), 0 if symmetric else qt.qmin
+        if symmetric:
+            scale, zero = np.float32(1.0 / 128), 0
+        elif qt.qmin == 0:
+            scale, zero = reciprocal_scale(softmax_steps(hi, row, qt.qmax, power_of_two=power_of_two)), 0
+        else:
+            scale, zero = np.float32(1.0 / 256), qt.qmin
     else:
         scale, zero = affine.activation_qparams(min(lo, 0.0), max(hi, 1.0), qt, symmetric=symmetric,
                                                 power_of_two=power_of_two)
