@@ -256,6 +256,33 @@ def test_exclusion_keeps_nodes_float(model: onnx.ModelProto, feeds: list[dict[st
     assert all(layer.precision == "float" for layer in glob.report.layers if layer.op_type == "Conv")
 
 
+@pytest.mark.parametrize("kind", ["Conv", "Gemm"])
+def test_an_excluded_layer_between_quantised_ones_stays_float_in_onnxruntime(kind: str) -> None:
+    """onnxruntime quantises the float weights of a Conv or Gemm between DequantizeLinear and QuantizeLinear.
+
+    Its WeightBiasQuantization transformer does so per tensor when the DequantizeLinear's scale is
+    a scalar; the excluded layer's DequantizeLinear repeats the scale along the channel axis, so
+    the optimised graph keeps it float (before: three QLinearConv, four QGemm).
+    """
+    b = builders.GraphBuilder(3)
+    if kind == "Conv":
+        y = b.conv(b.conv(b.conv("x", 3, 4), 4, 4), 4, 2)
+        shape, out = [1, 3, 8, 8], [1, 2, 8, 8]
+    else:
+        t = b.op("Relu", [b.linear("x", 6, 8)])  # read by the excluded Gemm and a quantised one
+        joined = b.op("Concat", [b.linear(t, 8, 8), b.linear(t, 8, 8)], axis=1)  # type: ignore[arg-type]
+        y = b.linear(joined, 16, 3)  # type: ignore[arg-type]
+        shape, out = [1, 6], [1, 3]
+    m = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                [helper.make_tensor_value_info(y, TensorProto.FLOAT, out)])
+    middle = [n.name for n in m.graph.node if n.op_type in ("Conv", "MatMul")][1]
+    result = qnnlib.quantize(m, builders.calibration(m, 8), config=qnnlib.QuantConfig(exclude=(middle,)))
+    assert result.report.layer(middle).precision == "float"
+    kernels = optimized_op_types(result.model)
+    assert kernels["QLinearConv" if kind == "Conv" else "QGemm"] == (2 if kind == "Conv" else 3)
+    assert kernels["Conv" if kind == "Conv" else "Gemm"] + kernels["FusedGemm"] == 1
+
+
 def test_override_fixes_a_group(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
     concat = next(n for n in model.graph.node if n.op_type == "Concat")
     config = qnnlib.QuantConfig(overrides={concat.output[0]: qnnlib.TensorOverride(range=(0.0, 2.55))})

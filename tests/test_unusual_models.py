@@ -14,6 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import qnnlib
+from qnnlib.coprocessor import InferenceSession
+from qnnlib.graph.model_io import make_session
 from tests import builders
 from tests.conftest import output_errors
 from tests.test_fuzz import BOUND
@@ -99,6 +101,27 @@ def test_control_flow_is_quantised_around_and_its_subgraphs_stay_float(build) ->
     kept = precisions(result)
     assert kept["control"] == "float"
     assert [kept[n.name] for n in model.graph.node if n.op_type == "Conv"] == ["int8", "int8"]
+
+
+@pytest.mark.parametrize("build", [_with_if, _with_loop, _with_scan], ids=["If", "Loop", "Scan"])
+def test_control_flow_runs_on_the_coprocessors_cpu_side(build) -> None:  # type: ignore[no-untyped-def]
+    """The If, Loop or Scan runs on the CPU provider, its body reading a tensor the coprocessor wrote.
+
+    Two faults were behind this: the integer model dropped the DequantizeLinear that only the If's
+    branches read, and the CPU part's sub-model did not take the tensors its bodies read from
+    outside as inputs. ``ort-exact`` now equals onnxruntime on the integer model.
+    """
+    b = builders.GraphBuilder()
+    y = b.conv(build(b, b.conv("x", 3, 4)), 4, 2)
+    model = b.model([value("x", [1, 3, 8, 8])], [value(y, [1, 2, 8, 8])])
+    result = qnnlib.quantize(model, images())
+    integer = result.integer_model()
+    onnx.checker.check_model(integer)
+    session = InferenceSession(integer)
+    assert session.placement()["control"] == "CPUExecutionProvider"
+    assert "Conv" not in [n.op_type for n in integer.graph.node]
+    for feed in images(3, seed=5):
+        np.testing.assert_array_equal(session.run(None, feed)[0], make_session(integer).run(None, feed)[0])
 
 
 # -- shapes -------------------------------------------------------------------------------------

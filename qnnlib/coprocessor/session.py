@@ -11,8 +11,8 @@ Like an execution provider it has two steps:
   run one after another, so no cycle between them can form.
 * **compile**: each claimed segment becomes a list of kernels with their constants bound; each
   unclaimed segment becomes an onnxruntime CPU session on the sub-model of its nodes (its inputs:
-  what it reads from earlier segments or the graph inputs; its outputs: what later segments or
-  the graph outputs read).
+  what it reads from earlier segments or the graph inputs, also from inside an If, Loop or Scan
+  body; its outputs: what later segments or the graph outputs read).
 
 A QDQ model is first rewritten into integer operators (:func:`qnnlib.emit.integer.to_integer`);
 an integer model is taken as it is. :meth:`InferenceSession.placement` lists where each node ran.
@@ -34,7 +34,7 @@ from qnnlib.coprocessor.ops import KERNELS, Compiled, refusal
 from qnnlib.coprocessor.policy import POLICIES
 from qnnlib.emit.integer import MOVES, to_integer
 from qnnlib.errors import ConfigError, InputError, UnsupportedModelError
-from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.index import GraphIndex, node_reads
 from qnnlib.graph.model_io import ModelLike, load_model, make_session
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class InferenceSession:
         self._model = proto
         index = GraphIndex(proto)
         self._constants = {t.name: index.constant(t.name) for t in proto.graph.initializer}
-        self._types = _tensor_types(proto, index)
+        self._types, self._shapes = _tensor_types(proto, index)
         self._refusals = {_name(n): refusal(n, _attributes(n), self._constants, self._types) for n in index.nodes}
         _keep_qdq_units_together(index, self._refusals)
         if index.nodes and all(self._refusals.values()):
@@ -91,7 +91,7 @@ class InferenceSession:
         produced_later: set[str] = {o.name for o in proto.graph.output}
         for segment in reversed(self._segments):
             made = {o for n in segment.nodes for o in n.output if o}
-            read = [t for n in segment.nodes for t in n.input if t and t not in made and t not in self._constants]
+            read = [t for n in segment.nodes for t in node_reads(n) if t not in made and t not in self._constants]
             segment.outputs = sorted(made & produced_later)
             segment.inputs = list(dict.fromkeys(read))
             produced_later |= set(segment.inputs)
@@ -110,7 +110,7 @@ class InferenceSession:
                                      self.policy)
 
     def _sub_model(self, segment: _Segment) -> onnx.ModelProto:
-        needed = {t for n in segment.nodes for t in n.input}
+        needed = {t for n in segment.nodes for t in node_reads(n)}
         graph = helper.make_graph(
             segment.nodes, "segment",
             [self._value_info(t) for t in segment.inputs], [self._value_info(t) for t in segment.outputs],
@@ -120,7 +120,10 @@ class InferenceSession:
         return sub
 
     def _value_info(self, tensor: str) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(tensor, self._types.get(tensor, onnx.TensorProto.FLOAT), None)
+        # with the shape inferred on the whole model: onnxruntime may pick another float kernel for a
+        # tensor of unknown shape, and a CPU part inside an If branch then rounded one value differently
+        return helper.make_tensor_value_info(tensor, self._types.get(tensor, onnx.TensorProto.FLOAT),
+                                             self._shapes.get(tensor))
 
     def get_inputs(self) -> list[NodeArg]:
         """The model's inputs."""
@@ -216,13 +219,20 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _tensor_types(model: onnx.ModelProto, index: GraphIndex) -> dict[str, int]:
-    """Element types of the tensors crossing segments: declared or inferred, else an integer op's zero point's."""
+def _tensor_types(model: onnx.ModelProto,
+                  index: GraphIndex) -> tuple[dict[str, int], dict[str, list[int | str | None]]]:
+    """Element types of the tensors crossing segments: declared or inferred, else an integer op's zero point's.
+
+    Also the shapes declared or inferred, where known.
+    """
     types: dict[str, int] = {}
+    shapes: dict[str, list[int | str | None]] = {}
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     for v in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
         if v.type.tensor_type.elem_type:
             types[v.name] = v.type.tensor_type.elem_type
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = _arg(v).shape
     for node in index.nodes:
         zero = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
                 "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QuantizeLinear": 2,
@@ -234,7 +244,7 @@ def _tensor_types(model: onnx.ModelProto, index: GraphIndex) -> dict[str, int]:
         if node.output and node.output[0] not in types and node.input and node.input[0] in types and \
                 node.op_type in MOVES:
             types[node.output[0]] = types[node.input[0]]
-    return types
+    return types, shapes
 
 
 def _arg(value: onnx.ValueInfoProto) -> NodeArg:

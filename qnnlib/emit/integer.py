@@ -47,7 +47,7 @@ import onnx
 from onnx import helper
 
 from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
-from qnnlib.graph.index import GraphIndex, attribute
+from qnnlib.graph.index import GraphIndex, attribute, node_reads
 from qnnlib.graph.names import NameAllocator
 from qnnlib.graph.passes.opset import default_opset
 from qnnlib.numerics.affine import is_power_of_two
@@ -360,10 +360,13 @@ def to_integer(qdq: onnx.ModelProto) -> IntegerModel:
 
 
 def _live(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """``nodes`` without the DequantizeLinear nodes nothing reads any more (repeated to a fixed point)."""
+    """``nodes`` without the DequantizeLinear nodes nothing reads any more (repeated to a fixed point).
+
+    A read inside an If, Loop or Scan body counts.
+    """
     outputs = {o.name for o in model.graph.output}
     while True:
-        read = {name for n in nodes for name in n.input} | outputs
+        read = {name for n in nodes for name in node_reads(n)} | outputs
         keep = [n for n in nodes if n.op_type != "DequantizeLinear" or any(o in read for o in n.output)]
         if len(keep) == len(nodes):
             return keep

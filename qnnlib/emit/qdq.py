@@ -6,7 +6,10 @@ For a quantised activation ``t`` produced by node P:
   ``DequantizeLinear -> t_dequantized[_k]`` (onnxruntime needs one DQ per consumer to fuse);
 * if ``t`` is a graph output or read by a subgraph, P writes ``t_prequant`` instead and a
   DequantizeLinear writes ``t`` itself, so the name the user sees is kept;
-* a graph input that feeds only float ops is left alone for them.
+* a graph input that feeds only float ops is left alone for them;
+* a Conv, ConvTranspose or Gemm that keeps float weights gets its DequantizeLinear per axis, the
+  group's scale repeated: onnxruntime would otherwise quantise its weights itself
+  (:func:`_float_weight_guard`).
 
 Weights become int8 (int4, int16 where the plan lowers or raises them) initializers with
 per-channel scales feeding a DequantizeLinear (``axis`` set); biases int32 initializers. 4- and
@@ -26,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
-from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.index import GraphIndex, Use, attribute
 from qnnlib.graph.names import NameAllocator
 from qnnlib.graph.passes.opset import default_opset
 from qnnlib.numerics import affine
@@ -204,13 +207,87 @@ def _emit_activation(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor
     placed = writer.after.setdefault(id(producer), []) if producer is not None else writer.head
     placed.append(quant)
     q_name = quant.output[0]
-    if keep_name:
-        placed.append(writer.node("DequantizeLinear", [q_name, scale, zero], "", output=tensor, wide=wide))
+    if keep_name:  # an If of constant condition is inlined by onnxruntime: see _float_weight_guard
+        along = _static_axis(index, tensor) if index.read_in_subgraph(tensor) else None
+        placed.append(_dequantize(writer, plan, tensor, q_name, along, wide=wide, output=tensor))
     for use in readers:
-        dq = writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized", wide=wide)
+        dq = _dequantize(writer, plan, tensor, q_name, _float_weight_guard(index, plan, use, tensor), wide=wide)
         use.node.input[use.index] = dq.output[0]
         writer.before.setdefault(id(use.node), []).append(dq)
     return q_name
+
+
+#: Ops whose float weights onnxruntime quantises itself when a DequantizeLinear feeds their input
+#: and a QuantizeLinear reads their output (its WeightBiasQuantization transformer, level 1).
+_SELF_QUANTISED = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _float_weight_guard(index: GraphIndex, plan: QuantPlan, use: Use, tensor: str) -> tuple[int, int] | None:
+    """``(axis, size)`` for the DequantizeLinear of ``use`` when it must be per-axis; else None.
+
+    onnxruntime (1.20 and later) rewrites ``DequantizeLinear -> Conv/ConvTranspose/Gemm with float32
+    weights -> [Relu/Clip] -> QuantizeLinear`` by quantising the weights per tensor to int8 and the
+    bias to int32, so a layer qnnlib keeps float (excluded, raised to float, an island) would run
+    in int8 after all. The rewrite applies only when the DequantizeLinear's scale is a scalar: such
+    a reader gets the group's scale and zero point repeated along an axis of static size above 1,
+    which dequantises to the same values. None when the reader is not such a layer, or no axis of
+    the tensor has a known size above 1 (a layer that reads one channel, of unknown spatial size).
+    A tensor an If, Loop or Scan body reads gets the same treatment (:func:`_emit_activation`): onnxruntime
+    inlines the branch of an If whose condition is constant, and the rewrite then reaches its layers.
+    """
+    node = use.node
+    if use.index != 0 or node.op_type not in _SELF_QUANTISED or len(node.input) < 2:
+        return None
+    weight = node.input[1]
+    if not index.is_constant(weight) or index.elem_type(weight) != onnx.TensorProto.FLOAT:
+        return None
+    if any(wp.node == node.name and wp.input_index == 1 for wp in plan.weights):
+        return None
+    channels = _input_channels(index, node)
+    if channels > 1:
+        return (0 if node.op_type == "Gemm" and attribute(node, "transA", 0) else 1), channels
+    return _static_axis(index, tensor)
+
+
+def _static_axis(index: GraphIndex, tensor: str) -> tuple[int, int] | None:
+    """``(axis, size)`` of an axis of ``tensor`` whose inferred size is above 1, axis 1 first; else None."""
+    shape = index.shape(tensor) or ()
+    sizes = [(axis, dim) for axis, dim in enumerate(shape) if isinstance(dim, int) and dim > 1]
+    sizes.sort(key=lambda pair: pair[0] != 1)
+    return sizes[0] if sizes else None
+
+
+def _input_channels(index: GraphIndex, node: onnx.NodeProto) -> int:
+    """The size of the input's channel (Conv) or reduction (Gemm) axis, from the weight's shape."""
+    shape = index.constant(node.input[1]).shape
+    if node.op_type == "Conv":
+        return int(shape[1]) * int(attribute(node, "group", 1))
+    if node.op_type == "ConvTranspose":
+        return int(shape[0])
+    return int(shape[1] if attribute(node, "transB", 0) else shape[0])
+
+
+def _dequantize(writer: _Writer, plan: QuantPlan, tensor: str, q_name: str, along: tuple[int, int] | None, *,
+                wide: bool, output: str | None = None) -> onnx.NodeProto:
+    """A DequantizeLinear of ``q_name`` at ``tensor``'s group parameters, repeated along ``(axis, size)`` if given."""
+    if along is None:
+        scale, zero = _qparams(writer, plan, tensor)
+        axis = None
+    else:
+        scale, zero = _repeated_qparams(writer, plan, tensor, along[1])
+        axis = along[0]
+    return writer.node("DequantizeLinear", [q_name, scale, zero], f"{tensor}_dequantized", axis=axis, output=output,
+                       wide=wide)
+
+
+def _repeated_qparams(writer: _Writer, plan: QuantPlan, tensor: str, size: int) -> tuple[str, str]:
+    """``tensor``'s group scale and zero point repeated ``size`` times, for a per-axis DequantizeLinear."""
+    params = plan.params(tensor)
+    qt = qtype(params.qtype)
+    scale = writer.constant(f"{tensor}_scale_repeated", np.full(size, params.scale, np.float32))
+    zero = writer.constant(f"{tensor}_zero_point_repeated", np.full(size, params.zero_point, qt.np_dtype),
+                           qt.onnx_type)
+    return scale, zero
 
 
 def _emit_constant(index: GraphIndex, writer: _Writer, plan: QuantPlan, tensor: str, layers: set[str]) -> None:

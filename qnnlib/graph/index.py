@@ -46,6 +46,12 @@ def outer_references(graph: onnx.GraphProto) -> set[str]:
     return read - defined
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads: its inputs, then what its subgraphs read from outer scopes (sorted)."""
+    inner = sorted({t for sub in subgraphs(node) for t in outer_references(sub)})
+    return [t for t in node.input if t] + inner
+
+
 class GraphIndex:
     """Read-only index over the main graph of a model. Rebuild it after editing the graph."""
 
