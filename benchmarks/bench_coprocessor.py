@@ -11,6 +11,11 @@ line); and latency (median of single-input runs in alternating blocks, :func:`_l
 onnxruntime's on the same integer model. The issue's targets: 0 differing elements under
 ``ort-exact``; latency within 3x of onnxruntime.
 
+When the ``extensions`` extra is installed, a line per model runs the ``ort-exact`` segments as
+onnxruntime-extensions Python ops inside one onnxruntime session
+(:class:`qnnlib.coprocessor.extensions.ExtensionsSession`): its output elements differing from
+onnxruntime's, the task metric and latency.
+
 A last line per model quantises again with ``QuantConfig(power_of_two_scales=True)`` and runs that
 integer model under ``pot``: its integer operators that still need a multiplier (none when every
 factor is a shift), the differing elements against onnxruntime on that model (rounding ties: a shift
@@ -33,6 +38,7 @@ from benchmarks.runner import run_models
 from benchmarks.tasks import TASKS
 from qnnlib.coprocessor import POLICIES, InferenceSession
 from qnnlib.coprocessor.session import COPROCESSOR
+from qnnlib.errors import ConfigError
 from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.model_io import load_model, make_session
 
@@ -59,6 +65,7 @@ def bench_model(name: str, held: int) -> dict[str, Any]:
         ours, theirs = _latency(session, ort_session, feeds[0])
         row["policies"][policy] = {**entry, "latency_ms": ours * 1000, "onnxruntime_ms": theirs * 1000,
                                    "latency_ratio": ours / theirs}
+    row["extensions"] = _extensions(integer, ort_session, feeds, lambda got: task.metric(reference, got))
     pot = qnnlib.quantize(str(task.model_path), [{task.input_name: x} for x in task.calib],
                           config=qnnlib.QuantConfig(power_of_two_scales=True)).integer_details()
     pot_ort = make_session(pot.model)
@@ -82,6 +89,28 @@ def _deviation(session: InferenceSession, integer: Any, feeds: list[dict[str, np
     return {"claimed": sum(place == COPROCESSOR for place in session.placement().values()),
             "nodes": len(integer.graph.node), "differing": differing, "elements": total,
             "metric": metric([session.run(None, f) for f in feeds])}
+
+
+def _extensions(integer: Any, ort_session: Any, feeds: list[dict[str, np.ndarray]], metric: Any) -> dict[str, Any]:
+    """``ort-exact`` segments as onnxruntime-extensions ops in one onnxruntime session (when the extra is installed).
+
+    Differing output elements against onnxruntime on the first 2 feeds, the task metric and latency.
+    """
+    try:
+        from qnnlib.coprocessor.extensions import ExtensionsSession
+        session = ExtensionsSession(integer)
+    except ConfigError as exc:
+        return {"skipped": str(exc)}
+    differing = total = 0
+    for f in feeds[:2]:
+        for want, got in zip(ort_session.run(None, f), session.run(None, f), strict=True):
+            differing += int(np.count_nonzero(want != got))
+            total += want.size
+    ours, theirs = _latency(session, ort_session, feeds[0])
+    ops = sum(n.domain == "ai.onnx.contrib" for n in session.model.graph.node)
+    return {"segment_ops": ops, "differing": differing, "elements": total,
+            "metric": metric([session.run(None, f) for f in feeds]), "latency_ms": ours * 1000,
+            "onnxruntime_ms": theirs * 1000, "latency_ratio": ours / theirs}
 
 
 def _latency(ours: Any, theirs: Any, feed: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -112,6 +141,14 @@ def fmt(row: dict[str, Any]) -> str:
         lines.append(f"  {policy:9} claimed {r['claimed']}/{r['nodes']} nodes; differing {r['differing']}/"
                      f"{r['elements']} ({share:.2%}); {row['metric']} {r['metric']:.3f}; latency {r['latency_ms']:.1f} "
                      f"ms vs onnxruntime {r['onnxruntime_ms']:.1f} ms = {r['latency_ratio']:.1f}x")
+    r = row["extensions"]
+    if "skipped" in r:
+        lines.append(f"  onnxruntime-extensions: skipped ({r['skipped']})")
+    else:
+        lines.append(f"  ort-exact as {r['segment_ops']} onnxruntime-extensions ops in one onnxruntime session: "
+                     f"outputs differing {r['differing']}/{r['elements']}; {row['metric']} {r['metric']:.3f}; "
+                     f"latency {r['latency_ms']:.1f} ms vs onnxruntime {r['onnxruntime_ms']:.1f} ms = "
+                     f"{r['latency_ratio']:.1f}x")
     r = row["pot_model"]
     lines.append(f"  pot on a power_of_two_scales model: {r['needs_multiplier']} operators need a multiplier; claimed "
                  f"{r['claimed']}/{r['nodes']}; differing from onnxruntime {r['differing']}/{r['elements']} "

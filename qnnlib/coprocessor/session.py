@@ -122,8 +122,7 @@ class InferenceSession:
     def _value_info(self, tensor: str) -> onnx.ValueInfoProto:
         # with the shape inferred on the whole model: onnxruntime may pick another float kernel for a
         # tensor of unknown shape, and a CPU part inside an If branch then rounded one value differently
-        return helper.make_tensor_value_info(tensor, self._types.get(tensor, onnx.TensorProto.FLOAT),
-                                             self._shapes.get(tensor))
+        return helper.make_tensor_value_info(tensor, self.tensor_type(tensor), self._shapes.get(tensor))
 
     def get_inputs(self) -> list[NodeArg]:
         """The model's inputs."""
@@ -172,14 +171,51 @@ class InferenceSession:
                 got = segment.session.run(segment.outputs, {t: values[t] for t in segment.inputs}, run_options)
                 values.update(zip(segment.outputs, got, strict=True))
                 continue
-            for node, compiled in segment.kernels:
-                args = [None if not t else self._constants.get(t, values.get(t)) for t in node.input]
-                values.update(zip(node.output, compiled(args), strict=True))
+            self._run_kernels(segment, values)
         unknown = [n for n in names if n not in values]
         if unknown:
             raise InputError(f"unknown outputs {unknown}; the model gives {[o.name for o in self._outputs]}, and "
                              "coprocessor_outputs() lists the intermediate tensors it can fetch")
         return [values[n] for n in names]
+
+
+    def _run_kernels(self, segment: _Segment, values: dict[str, Any]) -> None:
+        """Run a claimed segment's kernels in order, reading and adding to ``values``."""
+        for node, compiled in segment.kernels:
+            args = [None if not t else self._constants.get(t, values.get(t)) for t in node.input]
+            values.update(zip(node.output, compiled(args), strict=True))
+
+    def segments(self) -> list[Segment]:
+        """The segments in run order: where each runs, its nodes, what it reads and what it hands on."""
+        return [Segment(s.place, tuple(s.nodes), tuple(s.inputs), tuple(s.outputs)) for s in self._segments]
+
+    def run_segment(self, position: int, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run claimed segment ``position`` of :meth:`segments` on its inputs (in order); its outputs, in order."""
+        segment = self._segments[position]
+        if segment.place != COPROCESSOR:
+            raise ValueError(f"segment {position} runs on {segment.place}, not on the coprocessor")
+        values = dict(zip(segment.inputs, inputs, strict=True))
+        self._run_kernels(segment, values)
+        return [values[t] for t in segment.outputs]
+
+    def tensor_type(self, tensor: str) -> int:
+        """The ONNX element type of a tensor crossing segments (float when it is not known)."""
+        return self._types.get(tensor, onnx.TensorProto.FLOAT)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The model the segments were cut from: integer operators, chains fused into lookup tables."""
+        return self._model
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive nodes in one place (:meth:`InferenceSession.segments`)."""
+
+    place: str
+    nodes: tuple[onnx.NodeProto, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
 
 
 def _segments(index: GraphIndex, refusals: Mapping[str, str | None]) -> list[_Segment]:

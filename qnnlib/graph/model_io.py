@@ -247,8 +247,10 @@ def temporary_directory(prefix: str = "qnnlib-") -> Iterator[Path]:
 
 def make_session(proto: onnx.ModelProto, *, outputs: Sequence[str] = (), threads: int | None = None,
                  optimization: str = "all", optimized_model_path: str | None = None,
-                 log_errors_as: str = "model") -> ort.InferenceSession:
+                 custom_ops_library: str | None = None, log_errors_as: str = "model") -> ort.InferenceSession:
     """An onnxruntime CPU session on ``proto``, which also outputs ``outputs``; its errors become SessionError.
+
+    ``custom_ops_library``: a shared library of custom ops to register first (onnxruntime-extensions').
 
     A model over :data:`SESSION_FILE_BYTES` reaches onnxruntime as a file with external data in a
     temp directory, so that neither a copy of the model nor its serialised bytes are held in memory.
@@ -269,6 +271,8 @@ def make_session(proto: onnx.ModelProto, *, outputs: Sequence[str] = (), threads
         options.inter_op_num_threads = 1
     if optimized_model_path is not None:
         options.optimized_model_filepath = optimized_model_path
+    if custom_ops_library is not None:
+        options.register_custom_ops_library(custom_ops_library)
     try:
         if model_size(proto) > SESSION_FILE_BYTES:
             with temporary_directory() as tmp:
