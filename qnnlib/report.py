@@ -147,22 +147,26 @@ class MixedReport:
     sensitivity_seconds: float
     sensitivity_float_passes: float
     sensitivity_method: str
+    #: The refinement's trials after the search: one group lowered a step each, measured.
+    refined: tuple[CurvePointReport, ...] = ()
 
     @property
     def chosen(self) -> CurvePointReport | None:
-        """The point the model was built from."""
-        return next((p for p in self.curve if p.chosen), None)
+        """The point the model was built from (on the curve or among the refinement's trials)."""
+        return next((p for p in (*self.curve, *self.refined) if p.chosen), None)
 
     def to_text(self) -> str:
         """The curve as a table: cost, estimate, groups per precision, measured value."""
         lines = [f"mixed precision: {len(self.curve)} curve points; sensitivity {self.sensitivity_method} in "
                  f"{self.sensitivity_seconds:.1f}s ({self.sensitivity_float_passes:.1f} float passes)",
                  f"  {'cost':>12} {'estimate':>10} {'int4':>5} {'int8':>5} {'int16':>5} {'float':>5} {'measured':>10}"]
-        for p in self.curve:
+        for p in (*self.curve, *self.refined):
             value = "" if p.value is None else f"{p.value:.6g}" + (" met" if p.met else "")
             counts = " ".join(f"{p.counts.get(k, 0):>5}" for k in ("int4", "int8", "int16", "float"))
             mark = "  <- chosen" if p.chosen else ""
             lines.append(f"  {p.cost:>12.0f} {p.estimate:>10.3g} {counts} {value:>10}{mark}")
+            if p is self.curve[-1] and self.refined:
+                lines.append("  refinement (one group a step cheaper each, kept while met):")
         return "\n".join(lines)
 
     def plot(self, ax: Any = None) -> Any:

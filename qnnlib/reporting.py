@@ -14,7 +14,7 @@ from qnnlib.evaluate import Fidelity
 from qnnlib.fusion import COMPUTE_OPS, FusionSummary
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.select import Selection
-from qnnlib.optimize.mixed_search import MixedOutcome
+from qnnlib.optimize.mixed_search import CurvePoint, MixedOutcome
 from qnnlib.optimize.raising import Outcome
 from qnnlib.optimize.ranges import RangeChoice
 from qnnlib.plan import LayerPlan, QuantPlan
@@ -88,11 +88,12 @@ def _mixed(mixed: MixedOutcome) -> MixedReport:
     """The curve, the chosen point and what the sensitivity analysis cost."""
     assert mixed.report is not None
     names = {g.group: g.tensor for g in mixed.report.groups}
-    points = tuple(CurvePointReport(p.cost, p.estimate, p.counts(), p.value, p.met, p.chosen,
-                                    {names[g]: q for g, q in p.precisions.items() if g in names})
-                   for p in mixed.curve)
-    return MixedReport(points, round(mixed.report.seconds, 3), round(mixed.report.float_passes, 1),
-                       mixed.report.method)
+    def point(p: CurvePoint) -> CurvePointReport:
+        return CurvePointReport(p.cost, p.estimate, p.counts(), p.value, p.met, p.chosen,
+                                {names[g]: q for g, q in p.precisions.items() if g in names})
+
+    return MixedReport(tuple(point(p) for p in mixed.curve), round(mixed.report.seconds, 3),
+                       round(mixed.report.float_passes, 1), mixed.report.method, tuple(point(p) for p in mixed.refined))
 
 
 def _fusion(summary: FusionSummary, index: GraphIndex, selection: Selection, plan: QuantPlan) -> FusionReport:

@@ -218,3 +218,34 @@ def test_a_callable_cost_is_minimised() -> None:
     result = qnnlib.quantize(model, calib, config=config)
     assert result.report.mixed is not None and result.report.mixed.chosen is not None
     assert set(result.report.mixed.chosen.counts) == {"int16"}
+
+
+class _OnlyGroupOneMatters:
+    """A stand-in evaluator: the 'model' is the choice itself; met while group 1 stays at int16."""
+
+    def value(self, model: dict[int, str]) -> float:
+        return 1.0 if model[1] == "int16" else 0.0
+
+    def met(self, value: float) -> bool:
+        return value >= 1.0
+
+
+def test_refinement_lowers_every_group_the_threshold_does_not_need() -> None:
+    """The curve point raised three groups; real runs show only group 1 needs it."""
+    from types import SimpleNamespace
+
+    from qnnlib.optimize.mixed_search import CurvePoint, _refine
+
+    costs = {g: {"int4": 1.0, "int8": 2.0, "int16": 4.0} for g in range(3)}
+    errors = {g: {"int4": 0.1, "int8": 0.01, "int16": 0.0} for g in range(3)}
+    start = CurvePoint(dict.fromkeys(range(3), "int16"), 12.0, 0.0, 1.0, True)
+
+    def build(choice: dict[int, str]) -> tuple[object, SimpleNamespace]:
+        return None, SimpleNamespace(model=dict(choice))
+
+    trials: list[CurvePoint] = []
+    chosen, (_, emitted) = _refine(start, build(start.precisions), trials, errors=errors, costs=costs, limits=(),
+                                   evaluator=_OnlyGroupOneMatters(), build=build)  # type: ignore[arg-type]
+    assert chosen.precisions == {0: "int8", 1: "int16", 2: "int8"} and chosen.cost == 8.0
+    assert emitted.model == chosen.precisions
+    assert len(trials) == 3 and [t.met for t in trials].count(True) == 2

@@ -15,6 +15,10 @@ Used by :func:`qnnlib.quantize` when ``QuantConfig.precisions`` holds ``"int4"``
    assuming that a dearer point (less estimated error) is not worse; every point measured is kept
    in the curve with its value. If no measured point meets the threshold, the best measured one is
    kept.
+4. Refinement (:func:`_refine`): from the point found, each group is tried once at its next cheaper
+   precision, by real runs, and kept there while the threshold is still met. The estimate is
+   additive and smooth; a metric such as top-1 agreement on a few samples is neither, and the
+   curve point can raise far more than the one flipped sample needs.
 
 The cost of a point is the model's weight bytes by default (each group's owned weights at its
 precision, float 4 bytes), its bit-operations (``"bitops"``: ``sum_g macs_g * bits^2``), or
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: Error budgets the curve is computed at (plus zero).
 CURVE_BUDGETS = 24
+#: Real runs the refinement after the search may spend (one per group at most).
+REFINE_RUNS = 64
 #: Precisions that count as "above int8" for ``max_above_int8``.
 ABOVE_INT8 = ("int16", "float")
 #: A user cost: the cost of one group at one precision.
@@ -77,6 +83,8 @@ class MixedOutcome:
     outcome: Outcome  # value NaN when chosen by cost alone (no threshold)
     curve: list[CurvePoint] = field(default_factory=list)
     report: SensitivityReport | None = None
+    #: The refinement's trials (:func:`_refine`), in the order measured; the chosen point may be one.
+    refined: list[CurvePoint] = field(default_factory=list)
 
 
 def cost_table(report: SensitivityReport, allowed: Sequence[str], cost: str | CostFn) -> dict[int, dict[str, float]]:
@@ -202,18 +210,59 @@ def search_mixed(evaluator: Evaluator, report: SensitivityReport, allowed: Seque
         for i in measured[1:]:
             if evaluator.better(points[i].value, points[best].value):  # type: ignore[arg-type]
                 best = i
-    points[best].chosen = True
-    plan, emitted = built[best]
-    chosen = points[best]
+    chosen, (plan, emitted) = points[best], built[best]
+    refined: list[CurvePoint] = []
+    if chosen.met:
+        chosen, (plan, emitted) = _refine(chosen, (plan, emitted), refined, errors=errors, costs=costs,
+                                          limits=limits, evaluator=evaluator, build=build)
+    chosen.chosen = True
     steps = [Step(sum(1 for q in p.precisions.values() if q != "int8"), "mixed", p.value, bool(p.met),
                   _layers_off_int8(p.precisions, report))
-             for p in points if p.value is not None]
+             for p in [*points, *refined] if p.value is not None]
     assert chosen.value is not None
     outcome = Outcome(plan, emitted, chosen.value, bool(chosen.met), evaluator.float_score, math.nan,
                       raised={layer.node: layer.precision for layer in plan.layers if layer.precision != "int8"},
                       raised_groups={g: p for g, p in chosen.precisions.items() if p != "int8"},
                       steps=steps, seconds=time.perf_counter() - start)
-    return MixedOutcome(outcome, points, report)
+    return MixedOutcome(outcome, points, report, refined)
+
+
+def _refine(start: CurvePoint, model: tuple[QuantPlan, Emitted], trials: list[CurvePoint], *,
+            errors: Mapping[int, Mapping[str, float]], costs: Mapping[int, Mapping[str, float]],
+            limits: Sequence[Limit], evaluator: Evaluator,
+            build: Callable[[Mapping[int, str]], tuple[QuantPlan, Emitted]]) -> tuple[CurvePoint, tuple[QuantPlan,
+                                                                                                     Emitted]]:
+    """Lower groups of the met point ``start`` one step each while real runs still meet the threshold.
+
+    A curve point is the least-cost choice for an *estimated* error; when the estimate is
+    pessimistic (one flipped sample decides a top-1 threshold) it raises more than needed. Each
+    group above its cheapest precision is tried once at its next cheaper one, those adding the
+    least estimated error per unit of cost saved first, and kept there if the model still meets
+    the threshold: at most one real run per group, :data:`REFINE_RUNS` in all. Every trial is
+    appended to ``trials``; returns the cheapest point that met (``start`` if none) and its model.
+    """
+    best, current = start, dict(start.precisions)
+    order = []
+    for g, p in current.items():
+        cheaper = [q for q in costs[g] if costs[g][q] < costs[g][p]]
+        if cheaper:
+            q = max(cheaper, key=lambda c: costs[g][c])
+            order.append(((errors[g][q] - errors[g][p]) / (costs[g][p] - costs[g][q]), g, q))
+    for _, g, q in sorted(order)[:REFINE_RUNS]:
+        choice = {**current, g: q}
+        if not all(lim.holds(choice) for lim in limits):
+            continue
+        point = CurvePoint(choice, float(sum(costs[k][v] for k, v in choice.items())),
+                           float(sum(errors[k][v] for k, v in choice.items())))
+        made = build(choice)
+        point.value = evaluator.value(made[1].model)
+        point.met = evaluator.met(point.value)
+        trials.append(point)
+        log.info("refining: group %d %s -> %s (cost %.4g): %.6g, %s", g, current[g], q, point.cost, point.value,
+                 "met" if point.met else "not met")
+        if point.met:
+            best, current, model = point, choice, made
+    return best, model
 
 
 def _with_int8(points: list[CurvePoint], errors: Mapping[int, Mapping[str, float]],
