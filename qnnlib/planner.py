@@ -93,9 +93,10 @@ def group_params(group: TiedGroup, ranges: Mapping[str, tuple[float, float]], in
             raise ConfigError(f"override zero_point {zp} for {hit[0]!r} is outside {qt.name} [{qt.qmin}, {qt.qmax}]")
         scale = np.float32(override.scale)
         return ActivationParams(qt.name, float(scale), zp, affine.representable_range(scale, zp, qt), "override")
-    if hit is None and qt.bits == 8 and _softmax_rows(group, index):
+    rows = _softmax_rows(group, index) if hit is None and qt.bits == 8 else []
+    if rows:
         return _softmax_params(group_range(group, ranges, index), qt, symmetric=config.activation_symmetric,
-                               power_of_two=config.power_of_two_scales, row=min(_softmax_rows(group, index)))
+                               power_of_two=config.power_of_two_scales, row=min(rows))
     if hit is not None:
         lo, hi = hit[1].range  # type: ignore[misc]
         source = "override"

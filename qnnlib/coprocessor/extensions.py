@@ -218,6 +218,8 @@ class ExtensionsSession:
         failed = [(key, _failures.pop(key)) for key in self._keys if key in _failures]
         if failed:
             key, exc = failed[0]
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: held back only until now
+                raise exc
             raise SessionError(f"coprocessor segment op {self._keys.index(key)} failed: {type(exc).__name__}: "
                                f"{exc}") from exc
 

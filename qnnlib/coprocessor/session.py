@@ -120,8 +120,7 @@ class InferenceSession:
         return sub
 
     def _value_info(self, tensor: str) -> onnx.ValueInfoProto:
-        # with the shape inferred on the whole model: onnxruntime may pick another float kernel for a
-        # tensor of unknown shape, and a CPU part inside an If branch then rounded one value differently
+        # with the shape inferred on the whole model, so that onnxruntime plans the part as it would the whole
         return helper.make_tensor_value_info(tensor, self.tensor_type(tensor), self._shapes.get(tensor))
 
     def get_inputs(self) -> list[NodeArg]:
@@ -178,7 +177,6 @@ class InferenceSession:
                              "coprocessor_outputs() lists the intermediate tensors it can fetch")
         return [values[n] for n in names]
 
-
     def _run_kernels(self, segment: _Segment, values: dict[str, Any]) -> None:
         """Run a claimed segment's kernels in order, reading and adding to ``values``."""
         for node, compiled in segment.kernels:
@@ -193,7 +191,7 @@ class InferenceSession:
         """Run claimed segment ``position`` of :meth:`segments` on its inputs (in order); its outputs, in order."""
         segment = self._segments[position]
         if segment.place != COPROCESSOR:
-            raise ValueError(f"segment {position} runs on {segment.place}, not on the coprocessor")
+            raise InputError(f"segment {position} runs on {segment.place}, not on the coprocessor")
         values = dict(zip(segment.inputs, inputs, strict=True))
         self._run_kernels(segment, values)
         return [values[t] for t in segment.outputs]
