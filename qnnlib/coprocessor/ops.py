@@ -85,9 +85,14 @@ class _Bias:
         return cls(wide, narrow if bool(np.all(narrow == wide)) else None)
 
     def add(self, acc: np.ndarray, policy: str) -> np.ndarray:
-        """``acc + bias`` rounded as onnxruntime's ``f32(int32 sum)`` (ort-exact), else exact in float64."""
+        """``acc + bias`` rounded as onnxruntime's ``f32(int32 sum)`` (ort-exact), else exact in float64.
+
+        ``acc`` is a kernel's fresh accumulator: the sum is written into it where the type allows.
+        """
         if acc.dtype == np.float32 and policy == "ort-exact" and self.narrow is not None:
-            return acc + self.narrow  # both exact in float32: the sum is rounded once, as f32(int32) is
+            return np.add(acc, self.narrow, out=acc)  # exact in float32 both: rounded once, as f32(int32) is
+        if acc.dtype == np.float64:
+            return np.add(acc, self.wide, out=acc)
         return acc.astype(np.float64) + self.wide
 
 
@@ -138,9 +143,7 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
             acc, out = depthwise_accumulate(x, x_zero, dw_weights, strides=strides, dilations=dilations, pads=pads)
         else:
             raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)  # (N, C, kk, P)
-            patches = raw.astype(np.float32)
-            if x_zero:
-                patches -= np.float32(x_zero)
+            patches = np.subtract(raw, np.float32(x_zero), dtype=np.float32)  # one pass: cast and centre
             acc = product(patches.reshape(n, group, c_group * kk, -1)).reshape(n, m_out, -1)
         if saturation is not None:
             ordered = np.swapaxes(raw.reshape(n, group, c_group, kk, -1), 2, 3).reshape(n, group, kk * c_group, -1)
