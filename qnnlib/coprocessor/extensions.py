@@ -38,7 +38,7 @@ from onnx import helper
 
 from qnnlib.coprocessor.session import COPROCESSOR, CPU, InferenceSession, NodeArg
 from qnnlib.errors import ConfigError, SessionError, UnsupportedModelError
-from qnnlib.graph.edit import drop_unused_initializers
+from qnnlib.graph.edit import drop_stale_value_info, drop_unused_initializers, ensure_opset, replace_nodes
 from qnnlib.graph.model_io import ModelLike, make_session
 from qnnlib.graph.names import NameAllocator
 
@@ -177,15 +177,10 @@ class ExtensionsSession:
                 if produced != tensor:
                     nodes.append(helper.make_node("Cast", [produced], [tensor], name=names.fresh(f"{tensor}_Cast"),
                                                   to=engine.tensor_type(tensor)))
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        kept = {o for n in nodes for o in n.output}
-        stale = [v for v in out.graph.value_info if v.name not in kept]
-        for v in stale:  # tensors now inside a coprocessor node
-            out.graph.value_info.remove(v)
+        replace_nodes(out, nodes)
+        drop_stale_value_info(out)  # tensors now inside a coprocessor node
         drop_unused_initializers(out)
-        if not any(o.domain == DOMAIN for o in out.opset_import):
-            out.opset_import.add(domain=DOMAIN, version=1)
+        ensure_opset(out, DOMAIN)
         return out
 
     def get_inputs(self) -> list[NodeArg]:

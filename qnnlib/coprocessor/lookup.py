@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qnnlib.coprocessor.pointwise import Arrays, Compiled, first
+from qnnlib.graph.edit import ensure_opset, replace_nodes
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import make_session
 
@@ -151,10 +152,8 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, 
         replaced[id(chain.quantize)] = fused
         members[name] = tuple(_name(n) for n in chain.nodes)
     kept = [replaced.get(id(n), n) for n in index.nodes]
-    del out.graph.node[:]
-    out.graph.node.extend(n for n in kept if n is not None)
-    if not any(o.domain == DOMAIN for o in out.opset_import):
-        out.opset_import.add(domain=DOMAIN, version=1)
+    replace_nodes(out, (n for n in kept if n is not None))
+    ensure_opset(out, DOMAIN)
     return out, members
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
+from qnnlib.graph.edit import drop_stale_value_info, drop_unused_initializers, ensure_opset, replace_nodes
 from qnnlib.graph.index import GraphIndex, attribute, node_reads
 from qnnlib.graph.names import NameAllocator
 from qnnlib.graph.passes.opset import default_opset
@@ -345,12 +345,9 @@ def to_integer(qdq: onnx.ModelProto) -> IntegerModel:
     nodes = [rewriter.replaced.get(id(n), n) for n in rewriter.index.nodes if id(n) not in rewriter.removed]
     replace_nodes(out, _live(out, nodes))
     drop_unused_initializers(out)
-    present = {name for n in out.graph.node for name in n.output}
-    stale = [v for v in out.graph.value_info if v.name not in present]
-    for v in stale:  # the float tensors between a removed layer and its QuantizeLinear
-        out.graph.value_info.remove(v)
-    if any(n.domain == MS_DOMAIN for n in out.graph.node) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.add(domain=MS_DOMAIN, version=1)
+    drop_stale_value_info(out)  # the float tensors between a removed layer and its QuantizeLinear
+    if any(n.domain == MS_DOMAIN for n in out.graph.node):
+        ensure_opset(out, MS_DOMAIN)
     requantization = dict(sorted(rewriter.requantization.items()))
     for prop in list(out.metadata_props):
         if prop.key == METADATA_KEY:

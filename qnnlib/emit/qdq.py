@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qnnlib.graph.edit import drop_unused_initializers, replace_nodes
+from qnnlib.graph.edit import drop_unused_initializers, ensure_opset, replace_nodes
 from qnnlib.graph.index import GraphIndex, Use, attribute
 from qnnlib.graph.names import NameAllocator
 from qnnlib.graph.passes.opset import default_opset
@@ -115,8 +115,8 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> Emitted:
     replace_nodes(out, nodes)
     out.graph.initializer.extend(writer.initializers)
     drop_unused_initializers(out)
-    if writer.uses_contrib_qdq and not any(o.domain == CONTRIB_DOMAIN for o in out.opset_import):
-        out.opset_import.add(domain=CONTRIB_DOMAIN, version=1)
+    if writer.uses_contrib_qdq:
+        ensure_opset(out, CONTRIB_DOMAIN)
     _stamp(out)
     return Emitted(out, quantized_names)
 
@@ -259,7 +259,9 @@ def _static_axis(index: GraphIndex, tensor: str) -> tuple[int, int] | None:
 
 def _input_channels(index: GraphIndex, node: onnx.NodeProto) -> int:
     """The size of the input's channel (Conv) or reduction (Gemm) axis, from the weight's shape."""
-    shape = index.constant(node.input[1]).shape
+    weight = node.input[1]
+    init = index.initializers.get(weight)  # its dims, not its data converted
+    shape = tuple(init.dims) if init is not None else index.constant(weight).shape
     if node.op_type == "Conv":
         return int(shape[1]) * int(attribute(node, "group", 1))
     if node.op_type == "ConvTranspose":

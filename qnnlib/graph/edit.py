@@ -25,6 +25,20 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
         del inits[i]
 
 
+def drop_stale_value_info(model: onnx.ModelProto) -> None:
+    """Remove value_info entries of tensors no node of the main graph writes any more."""
+    written = {name for n in model.graph.node for name in n.output}
+    stale = [v for v in model.graph.value_info if v.name not in written]
+    for v in stale:
+        model.graph.value_info.remove(v)
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    """Import ``domain`` at ``version`` unless the model already imports it."""
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.add(domain=domain, version=version)
+
+
 def rename_reads(model: onnx.ModelProto, old: str, new: str) -> None:
     """Make every node of the main graph that reads ``old`` read ``new`` instead."""
     for node in model.graph.node:

@@ -17,9 +17,8 @@ Used by :func:`qnnlib.quantize` when ``QuantConfig.precisions`` holds ``"int4"``
    kept.
 4. Refinement (:func:`_refine`): from the point found, each group above int8 is tried once at its
    next cheaper precision (not below int8), by real runs, and kept there while the threshold is
-   still met. The estimate is
-   additive and smooth; a metric such as top-1 agreement on a few samples is neither, and the
-   curve point can raise far more than the one flipped sample needs.
+   still met. The estimate is additive and smooth; a metric such as top-1 agreement on a few
+   samples is neither, and the curve point can raise far more than the one flipped sample needs.
 
 The cost of a point is the model's weight bytes by default (each group's owned weights at its
 precision, float 4 bytes), its bit-operations (``"bitops"``: ``sum_g macs_g * bits^2``), or
