@@ -77,7 +77,8 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
             stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
                             levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
                             capture=layer_outputs, capture_samples=config.report_samples,
-                            low_bit_levels=LOW_BIT_LEVELS if config.mixed else None)
+                            low_bit_levels=LOW_BIT_LEVELS if config.mixed else None,
+                            constants=m.selection.constants(m.index))
         with timer("plan"):
             plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         with timer("emit"):

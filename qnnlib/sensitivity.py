@@ -82,6 +82,7 @@ class GroupSensitivity:
     tensor: str
     members: tuple[str, ...]
     layers: tuple[str, ...]
+    #: Values stored at the group's precision: its owned weights and its constant members (a table).
     weights: int
     only: dict[str, float]
     all_but: dict[str, float]
@@ -265,7 +266,7 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
     with open_feeds(m, calib, config, timer, replay=samples) as feeds, timer("calibrate"):
         stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
                         levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
-                        low_bit_levels=LOW_BIT_LEVELS)
+                        low_bit_levels=LOW_BIT_LEVELS, constants=m.selection.constants(m.index))
         plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         chosen = list(feeds.take(samples))
         generation = feeds.generation
@@ -297,7 +298,8 @@ def analyse_plan(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, sam
     groups = tuple(
         GroupSensitivity(gid, plan.groups[gid].members[0], plan.groups[gid].members,
                          tuple(dict.fromkeys(wp.node for wp in configs.owned.get(gid, ()))),
-                         sum(int(np.prod(configs.weight_shape(wp.tensor))) for wp in configs.owned.get(gid, ())),
+                         sum(int(np.prod(configs.weight_shape(wp.tensor))) for wp in configs.owned.get(gid, ()))
+                         + _constant_values(m.index, plan.groups[gid].members),
                          {p: v[0] for p, v in only[gid].items()}, {p: v[0] for p, v in all_but[gid].items()},
                          {p: v[1] for p, v in only[gid].items()}, {p: v[1] for p, v in all_but[gid].items()},
                          sum(layer_macs(m.index, wp.node, configs.weight_shape(wp.tensor))
@@ -312,6 +314,11 @@ def analyse_plan(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, sam
                              {p: v[0] for p, v in all_lowered.items()}, {p: v[1] for p, v in all_lowered.items()},
                              len(samples), generation is not None, unowned, time.perf_counter() - start, float_pass,
                              method, dict(timer.times), generation or ())
+
+
+def _constant_values(index: GraphIndex, members: Sequence[str]) -> int:
+    """Values of a group's constant members (an embedding table), stored at the group's precision."""
+    return sum(math.prod(index.initializers[t].dims) for t in members if index.is_constant(t))
 
 
 def _analyse(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,

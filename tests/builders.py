@@ -123,6 +123,32 @@ def transformer_block(seed: int = 0, seq: int = 16, dim: int = 32, heads: int = 
                    name="transformer_block")
 
 
+def embedding_encoder(seed: int = 0, vocab: int = 500, dim: int = 32, seq: int = 16,
+                      tied_head: bool = False) -> onnx.ModelProto:
+    """Token ids -> embedding Gather + position table -> MLP; with ``tied_head``, logits from the same table."""
+    b = GraphBuilder(seed)
+    table = b.const(b.rng.normal(0, 0.5, (vocab, dim)).astype(np.float32), "table")
+    tokens = b.op("Gather", [table, "ids"])
+    x = b.op("Add", [tokens, b.const(b.rng.normal(0, 0.2, (seq, dim)).astype(np.float32), "positions")])
+    h = b.op("Relu", [b.linear(x, dim, 2 * dim)])  # type: ignore[list-item]
+    y = b.linear(h, 2 * dim, dim)  # type: ignore[arg-type]
+    out = [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, seq, dim])]
+    if tied_head:
+        flat = b.op("Reshape", [y, b.const(np.array([seq, dim], np.int64), "shape")])
+        logits = b.op("Gemm", [flat, table], transB=1)  # type: ignore[list-item]
+        out.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, [seq, vocab]))  # type: ignore[arg-type]
+    return b.model([helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])], out,
+                   name="embedding_encoder")
+
+
+def token_ids(model: onnx.ModelProto, n: int = 16, seed: int = 1, vocab: int = 500) -> list[dict[str, np.ndarray]]:
+    """``n`` feeds of uniform token ids below ``vocab`` for the model's one int64 input."""
+    rng = np.random.default_rng(seed)
+    vi = model.graph.input[0]
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return [{vi.name: rng.integers(0, vocab, dims).astype(np.int64)} for _ in range(n)]
+
+
 def calibration(model: onnx.ModelProto, n: int = 16, seed: int = 1) -> list[dict[str, np.ndarray]]:
     """``n`` standard-normal feeds for every float input (dynamic dims become 2)."""
     rng = np.random.default_rng(seed)

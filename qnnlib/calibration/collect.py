@@ -12,7 +12,7 @@ references that the report's fidelity figures are measured against, without a se
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -60,11 +60,13 @@ class CalibrationStats:
 
 def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, method: CalibrationMethod,
             *, levels: int, symmetric: bool, capture: Sequence[str] = (), capture_samples: int = 0,
-            low_bit_levels: int | None = None) -> CalibrationStats:
+            low_bit_levels: int | None = None, constants: Mapping[str, np.ndarray] | None = None) -> CalibrationStats:
     """Observe ``observe`` over every feed and return each tensor's chosen range (see the module docstring).
 
     ``low_bit_levels``: also give each tensor's least-squared-error range at that many levels (for
-    4-bit precisions, where clipping decides: :meth:`Observer.mse_range_at`).
+    4-bit precisions, where clipping decides: :meth:`Observer.mse_range_at`). ``constants``:
+    quantised constants (an Add's constant operand, an embedding table) by name, observed once for
+    their extremes and low-bit ranges; their 8-bit range is their min and max (the planner's).
     """
     observers: dict[str, Observer] = {t: method.observer(levels, symmetric) for t in observe}
     graph_outputs = [o.name for o in model.graph.output]
@@ -115,8 +117,12 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
             consume(pending.result())
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
-    extremes = {t: (float(o.min_), float(o.max_)) for t, o in observers.items() if np.isfinite(o.min_)}
-    low_bit = ({t: observers[t].mse_range_at(low_bit_levels, symmetric) for t in observe}
+    everything = dict(observers)
+    for name, value in (constants or {}).items():
+        everything[name] = method.observer(levels, symmetric)
+        _observe(everything[name], name, np.asarray(value), {})
+    extremes = {t: (float(o.min_), float(o.max_)) for t, o in everything.items() if np.isfinite(o.min_)}
+    low_bit = ({t: o.mse_range_at(low_bit_levels, symmetric) for t, o in everything.items()}
                if low_bit_levels is not None else {})
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes,
                             low_bit)

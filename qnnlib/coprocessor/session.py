@@ -255,7 +255,7 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 
 def _tensor_types(model: onnx.ModelProto,
                   index: GraphIndex) -> tuple[dict[str, int], dict[str, list[int | str | None]]]:
-    """Element types of the tensors crossing segments: declared or inferred, else an integer op's zero point's.
+    """Element types of the tensors crossing segments: declared or inferred, else an input's that shares it.
 
     Also the shapes declared or inferred, where known.
     """
@@ -267,12 +267,13 @@ def _tensor_types(model: onnx.ModelProto,
             types[v.name] = v.type.tensor_type.elem_type
         if v.type.tensor_type.HasField("shape"):
             shapes[v.name] = _arg(v).shape
-    for node in index.nodes:
-        zero = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
-                "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QuantizeLinear": 2,
-                "QLinearConcat": 1}.get(node.op_type)
-        if zero is not None and len(node.input) > zero and node.input[zero] and index.is_constant(node.input[zero]):
-            dtype = index.constant(node.input[zero]).dtype
+    for node in index.nodes:  # the input whose element type the output has: a zero point, a lookup table
+        typed = {"QLinearConv": 7, "QLinearMatMul": 7, "QGemm": 8, "QLinearAdd": 7, "QLinearMul": 7,
+                 "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QuantizeLinear": 2,
+                 "QLinearConcat": 1, lookup.OP_TYPE: 1}.get(node.op_type)
+        if typed is not None and len(node.input) > typed and node.input[typed] and \
+                index.is_constant(node.input[typed]):
+            dtype = index.constant(node.input[typed]).dtype
             types.setdefault(node.output[0], int(helper.np_dtype_to_tensor_dtype(dtype)))
     for node in index.nodes:  # ops that move values keep their input's type
         if node.output and node.output[0] not in types and node.input and node.input[0] in types and \

@@ -15,7 +15,8 @@ GlobalAveragePool            com.microsoft QLinearGlobalAveragePool
 AveragePool                  com.microsoft QLinearAveragePool
 Concat                       com.microsoft QLinearConcat
 MaxPool, Reshape, Transpose,  the same op on the integer tensor (input and output share scale and
-Flatten, (Un)Squeeze          zero point: a tied group); MaxPool from opset 12
+Flatten, (Un)Squeeze, Gather  zero point: a tied group); MaxPool from opset 12; Gather on an
+                              integer table (an embedding)
 ==========================  ==========================================================
 
 What it does not match (4- and 16-bit tensors, ops outside the table, a float op whose output is
@@ -60,7 +61,7 @@ MS_DOMAIN = "com.microsoft"
 INTEGER_MAXPOOL_OPSET = 12
 #: Ops that only move values: on an integer tensor whose input and output share scale and zero point
 #: they run as they are, and their output keeps the input's type.
-MOVES = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+MOVES = ("MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather")
 #: Integer element types an integer operator takes.
 EIGHT_BIT = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 

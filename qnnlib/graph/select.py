@@ -27,6 +27,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from qnnlib.graph.index import GraphIndex
@@ -94,6 +95,10 @@ class Selection:
         covered = {t.covered for t in self.ties}
         return tuple(t for t in self.activations if t not in covered and not index.is_constant(t))
 
+    def constants(self, index: GraphIndex) -> dict[str, np.ndarray]:
+        """Quantised constants (an Add's constant operand, an embedding table) and their values."""
+        return {t: index.constant(t) for t in self.activations if index.is_constant(t)}
+
 
 def match_excluded(index: GraphIndex, names: Iterable[str], op_types: Iterable[str]) -> tuple[set[str], list[str]]:
     """Node names matched by exact names or glob patterns and by op types; and patterns matching nothing."""
@@ -155,7 +160,9 @@ class _Region:
         index = self.index
         data = node.input[0] if node.input else ""
         outputs = data_outputs(node, rule)
-        if not outputs or not self.is_activation(data) or index.is_constant(data):
+        if not outputs or not self.is_activation(data):
+            return False
+        if index.is_constant(data) and not _reads_constant_by_index(node, rule, index):
             return False
         if not all(self.is_activation(o) for o in outputs):
             return False
@@ -213,6 +220,15 @@ def select(index: GraphIndex, *, excluded: set[str] | frozenset[str] = frozenset
         float_nodes=tuple(sorted(region.float_nodes, key=lambda p: order[p[0]])),
         excluded=tuple(sorted(excluded, key=order.__getitem__)),
     )
+
+
+def _reads_constant_by_index(node: onnx.NodeProto, rule: OpRule, index: GraphIndex) -> bool:
+    """Whether a pass-through ``node`` selects from a constant table by a computed input (an embedding Gather).
+
+    The table then joins its output's tied group as a constant member: it is stored quantised at the
+    group's parameters, and onnxruntime gathers from the integer table.
+    """
+    return rule.kind is Kind.PASS_THROUGH and any(n and not index.is_constant(n) for n in node.input[1:])
 
 
 def tail_nodes(index: GraphIndex, excluded: set[str] | frozenset[str] = frozenset()) -> frozenset[str]:
