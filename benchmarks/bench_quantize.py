@@ -135,7 +135,7 @@ def fmt(row: dict) -> str:
 
     lines = [f"== {row['model']} ({row['calib_samples']} calibration samples, {row['held_out']} held-out; "
              f"metric {row['metric']} against float)"]
-    lines.append(f"{'':16}{row['metric']:>12}{'SQNR dB':>9}{'quant s':>9}{'peak MB':>9}")
+    lines.append(f"{'':16}{row['metric']:>12}{'SQNR dB':>9}{'quant s':>9}{'peak MB':>9}{'size MB':>9}")
     for label in ("qnnlib", "qnnlib-minmax", "ort"):
         if "error" in row.get(label, {}):
             lines.append(f"{label:16} failed: {row[label]['error']}")
@@ -145,7 +145,8 @@ def fmt(row: dict) -> str:
             extra = f"  (quantize_static {g(label, 'time_quantize_static', '{:.2f}')}s + pre-process " \
                     f"{g(label, 'time_preprocess', '{:.2f}')}s)"
         lines.append(f"{label:16}{g(label, 'metric'):>12}{g(label, 'sqnr_db', '{:.1f}'):>9}"
-                     f"{g(label, 'time', '{:.2f}'):>9}{g(label, 'peak_rss_mb', '{:.0f}'):>9}{extra}")
+                     f"{g(label, 'time', '{:.2f}'):>9}{g(label, 'peak_rss_mb', '{:.0f}'):>9}"
+                     f"{g(label, 'size_mb', '{:.2f}'):>9}{extra}")
     lat = row["latency_ms"]
     lines.append("latency 1 thread: " + ", ".join(f"{k} {v:.2f} ms" for k, v in lat.items()))
     if "ort" in lat and "qnnlib" in lat:

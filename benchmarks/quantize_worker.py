@@ -41,6 +41,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def saved_megabytes(path: Path) -> float:
+    """The size of a saved model with its external data files, in MB."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {path} | {path.parent / entry.value for tensor in model.graph.initializer
+                      for entry in tensor.external_data if entry.key == "location"}
+    return sum(f.stat().st_size for f in files) / 1e6
+
+
 def _samples(calib_dir: Path, limit: int | None) -> list[Path]:
     files = sorted(calib_dir.glob("*.npy"))
     return files[:limit] if limit else files
@@ -61,7 +71,7 @@ def run_qnnlib(model: Path, files: list[Path], input_name: str, out: Path, metho
     result = qnnlib.quantize(str(model), _feeds(files, input_name), config=config)
     elapsed = time.perf_counter() - start
     result.save(out)
-    return {"time": elapsed, "time_with_save": time.perf_counter() - start}
+    return {"time": elapsed, "time_with_save": time.perf_counter() - start, "size_mb": saved_megabytes(out)}
 
 
 def run_ort(model: Path, files: list[Path], input_name: str, out: Path, method: str, *,
@@ -93,7 +103,7 @@ def run_ort(model: Path, files: list[Path], input_name: str, out: Path, method: 
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method], use_external_data_format=True)
         elapsed = time.perf_counter() - start
-        return {"time": elapsed, "time_with_save": elapsed}
+        return {"time": elapsed, "time_with_save": elapsed, "size_mb": saved_megabytes(out)}
     proto = onnx.load(str(model))
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if opset < 13:
@@ -113,7 +123,8 @@ def run_ort(model: Path, files: list[Path], input_name: str, out: Path, method: 
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=methods[method])
     quant = time.perf_counter() - q_start
-    return {"time": time.perf_counter() - start, "time_quantize_static": quant, "time_preprocess": prep}
+    return {"time": time.perf_counter() - start, "time_quantize_static": quant, "time_preprocess": prep,
+            "size_mb": saved_megabytes(out)}
 
 
 def main() -> None:
