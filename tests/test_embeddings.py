@@ -83,7 +83,7 @@ def test_an_embedding_group_at_every_precision_loads_and_runs(precision: str) ->
 def test_the_analysis_prices_and_probes_the_table() -> None:
     model = builders.embedding_encoder()
     report = qnnlib.analyze_sensitivity(model, builders.token_ids(model), progress=False)
-    group = next(g for g in report.groups if "Gather3" in "".join(g.members) or g.tensor.startswith("table"))
+    group = next(g for g in report.groups if any(t.startswith("table") for t in g.members))
     assert group.weights >= VOCAB * DIM
     assert group.only_error["int4"] > group.only_error["int8"] > group.only_error["int16"] > 0
 
