@@ -78,7 +78,9 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
                             levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
                             capture=layer_outputs, capture_samples=config.report_samples,
                             low_bit_levels=LOW_BIT_LEVELS if config.mixed else None,
-                            constants=m.selection.constants(m.index))
+                            # constants' extremes serve raising (threshold) and mixed precision only
+                            constants=m.selection.constants(m.index)
+                            if config.threshold is not None or config.mixed else None)
         with timer("plan"):
             plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
         with timer("emit"):

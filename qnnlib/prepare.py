@@ -102,14 +102,20 @@ def excluded_nodes(index: GraphIndex, config: QuantConfig) -> set[str]:
 
 
 def check_weights(index: GraphIndex, selection: Selection) -> None:
-    """InvalidModelError for a weight or bias to be quantised that holds NaN or inf, before any calibration."""
-    for slot in selection.weights:
-        value = index.constant(slot.tensor)
+    """InvalidModelError for a constant to be quantised that holds NaN or inf, before any calibration.
+
+    Weights and biases, and the constants quantised as activations (an Add's constant operand, an
+    embedding table), whose range would otherwise come out NaN.
+    """
+    slots = [(slot.kind, slot.tensor, slot.node) for slot in selection.weights]
+    slots += [("constant", t, index.consumers(t)[0].name) for t in selection.activations if index.is_constant(t)]
+    for kind, tensor, node in slots:
+        value = index.constant(tensor)
         if not np.isfinite(value).all():
             bad = int(np.count_nonzero(~np.isfinite(value)))
             raise InvalidModelError(
-                f"{slot.kind} {slot.tensor!r} of node {slot.node!r} holds NaN or inf ({bad} of {value.size} values); "
-                f"fix the model, or keep the node in float with QuantConfig(exclude=({slot.node!r},))"
+                f"{kind} {tensor!r} of node {node!r} holds NaN or inf ({bad} of {value.size} values); "
+                f"fix the model, or keep the node in float with QuantConfig(exclude=({node!r},))"
             )
 
 

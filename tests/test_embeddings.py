@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import qnnlib
 from qnnlib.calibration.collect import collect
@@ -12,6 +13,7 @@ from qnnlib.calibration.feeds import FeedSource
 from qnnlib.config import QuantConfig
 from qnnlib.coprocessor import InferenceSession
 from qnnlib.emit.qdq import emit_qdq
+from qnnlib.errors import InvalidModelError
 from qnnlib.graph.model_io import make_session, temporary_directory
 from qnnlib.mixed import plan_with_precisions
 from qnnlib.planner import build_plan
@@ -106,3 +108,13 @@ def test_the_integer_model_gathers_from_the_integer_table() -> None:
     # Reshape after the Relu's lookup table included (its integer type comes from the table)
     on_cpu = [n for n, place in session.placement().items() if place == "CPUExecutionProvider"]
     assert on_cpu == [gather.name, integer.graph.node[-1].name]
+
+
+def test_a_table_holding_nan_is_refused_before_calibration() -> None:
+    model = builders.embedding_encoder()
+    table = next(i for i in model.graph.initializer if i.name.startswith("table"))
+    values = numpy_helper.to_array(table).copy()
+    values[3, 4] = np.nan
+    table.CopyFrom(numpy_helper.from_array(values, table.name))
+    with pytest.raises(InvalidModelError, match=r"constant 'table1' of node 'Gather3' holds NaN or inf \(1 of"):
+        qnnlib.quantize(model, builders.token_ids(model))
