@@ -122,13 +122,13 @@ def _define_ops() -> None:
 class ExtensionsSession:
     """``model`` in one onnxruntime session, the coprocessor's segments as Python-op nodes (module docstring).
 
-    ``policy`` as for :class:`qnnlib.coprocessor.InferenceSession`. :attr:`session` is the real
+    ``policy`` and ``jit`` as for :class:`qnnlib.coprocessor.InferenceSession`. :attr:`session` is the real
     onnxruntime session; :meth:`run`, :meth:`get_inputs` and :meth:`get_outputs` are its interface.
     """
 
-    def __init__(self, model: ModelLike, policy: str = "ort-exact") -> None:
+    def __init__(self, model: ModelLike, policy: str = "ort-exact", *, jit: bool | None = None) -> None:
         _define_ops()
-        self._engine = InferenceSession(model, policy=policy)
+        self._engine = InferenceSession(model, policy=policy, jit=jit)
         self._keys: list[str] = []
         self.model = self._fused_model()
         weakref.finalize(self, _forget, list(self._keys))

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qnnlib.coprocessor import jit
 from qnnlib.coprocessor.pointwise import Arrays, Compiled, first
 from qnnlib.graph.edit import ensure_opset, replace_nodes
 from qnnlib.graph.index import GraphIndex
@@ -165,6 +166,8 @@ def lookup(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
     """The coprocessor kernel of a ``LookupTable`` node: ``table[x]`` (offset by 128 for int8 inputs)."""
     values = consts[1]
     assert values is not None
+    if jit.active():
+        return lambda ins: [jit.lookup(values, first(ins))]
 
     def run(ins: Arrays) -> list[np.ndarray]:
         x = first(ins)

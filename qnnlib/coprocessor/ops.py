@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qnnlib.coprocessor import lookup, pointwise
+from qnnlib.coprocessor import jit, lookup, pointwise
 from qnnlib.coprocessor.kernels import (
     ExactProduct,
     PairSaturation,
     depthwise_accumulate,
     im2col,
+    output_size,
     pair_axes,
     pairs_saturate,
 )
@@ -54,6 +55,14 @@ def _spatial_pads(attrs: dict[str, Any], x: np.ndarray, kernel: Sequence[int], s
         begin.append(small if auto == "SAME_UPPER" else large)
         end.append(large if auto == "SAME_UPPER" else small)
     return begin + end
+
+
+def _output_dims(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+                 pads: Sequence[int]) -> tuple[int, ...]:
+    """The spatial dims of a convolution's output (:func:`qnnlib.coprocessor.kernels.output_size` per axis)."""
+    rank = len(kernel)
+    return tuple(output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]))
+                 for i in range(rank))
 
 
 def _input_range(zero_point: np.ndarray) -> int:
@@ -118,7 +127,8 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
     x_zero = int(_scalar(xz))
     centred = (w.astype(np.int32) - np.asarray(wz, np.int32).reshape(-1, *([1] * (w.ndim - 1))))
     depthwise = c_group == 1 and m_group == 1 and group > 1
-    dw_weights = centred.reshape(group, *kernel).astype(np.float32) if depthwise else None
+    accumulate = _depthwise(centred.reshape(group, *kernel).astype(np.float32), x_zero, strides, dilations) \
+        if depthwise else None
     product = None if depthwise else ExactProduct.compile(centred.reshape(group, m_group, c_group * kk),
                                                           _input_range(xz))
     saturation = None
@@ -130,29 +140,55 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
         saturation = PairSaturation.compile(*pair_axes(dense.reshape(m_out, group, kk * c_group), 2))
     channel = (1, -1, 1)
     bias_col = _Bias.of(bias, channel)
-    requant = Requantizer.compile(scale_factor(_scalar(xs), ws.reshape(-1), _scalar(ys)).reshape(
-        channel if ws.size > 1 else ()), int(_scalar(yz)), yz.dtype, policy)
+    factor = scale_factor(_scalar(xs), ws.reshape(-1), _scalar(ys))
+    requant = Requantizer.compile(factor.reshape(channel if ws.size > 1 else ()), int(_scalar(yz)), yz.dtype, policy)
+    # onnxruntime's requantisation with its bias in one compiled loop, when the compiled loops are active
+    fused = jit.Requantize.compile(bias, factor, m_out, requant.zero_point, requant.dtype) \
+        if jit.active() and policy == "ort-exact" else None
 
     def run(ins: Arrays) -> list[np.ndarray]:
         x = ins[0]
         assert x is not None
         n = x.shape[0]
         pads = _spatial_pads(attrs, x, kernel, strides, dilations)
-        if product is None:
-            assert dw_weights is not None
-            acc, out = depthwise_accumulate(x, x_zero, dw_weights, strides=strides, dilations=dilations, pads=pads)
+        if accumulate is not None:
+            acc, out = accumulate(x, pads)
         else:
+            assert product is not None
             raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)  # (N, C, kk, P)
             patches = np.subtract(raw, np.float32(x_zero), dtype=np.float32)  # one pass: cast and centre
             acc = product(patches.reshape(n, group, c_group * kk, -1)).reshape(n, m_out, -1)
         if saturation is not None:
             ordered = np.swapaxes(raw.reshape(n, group, c_group, kk, -1), 2, 3).reshape(n, group, kk * c_group, -1)
             saturation.add_to(acc.reshape(n, m_out, -1), *pair_axes(ordered, 2))
+        if fused is not None:
+            return [fused(acc.reshape(n, m_out, -1)).reshape(n, m_out, *out)]
         if bias_col is not None:
             acc = bias_col.add(acc, policy)
         return [requant(acc).reshape(n, m_out, *out)]
 
     return run
+
+
+def _depthwise(weights: np.ndarray, x_zero: int, strides: Sequence[int], dilations: Sequence[int]
+               ) -> Callable[[np.ndarray, list[int]], tuple[np.ndarray, tuple[int, ...]]]:
+    """A depthwise layer's accumulator and output dims from its input and pads (centred ``weights`` (C, *kernel)).
+
+    Compiled loops (:func:`qnnlib.coprocessor.jit.depthwise`) for a 2-D kernel when they are active,
+    else :func:`depthwise_accumulate`: the same values.
+    """
+    kernel = weights.shape[1:]
+    if not (jit.active() and len(kernel) == 2):
+        return lambda x, pads: depthwise_accumulate(x, x_zero, weights, strides=strides, dilations=dilations,
+                                                    pads=pads)
+    channels_last = np.ascontiguousarray(np.moveaxis(weights, 0, -1))
+
+    def compiled(x: np.ndarray, pads: list[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+        out = _output_dims(x, kernel, strides, dilations, pads)
+        return jit.depthwise(x, x_zero, weights, channels_last, strides=strides, dilations=dilations, pads=pads,
+                             out=out), out
+
+    return compiled
 
 
 def _gemm_parts(b: np.ndarray, b_zero: np.ndarray, a_zero: np.ndarray, policy: str

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qnnlib.coprocessor import jit as compiled_loops
 from qnnlib.coprocessor import lookup
 from qnnlib.coprocessor.ops import KERNELS, Compiled, refusal
 from qnnlib.coprocessor.policy import POLICIES
@@ -67,13 +68,19 @@ class InferenceSession:
     """Run ``model`` with its integer layers on the coprocessor stand-in (module docstring).
 
     ``policy``: ``"ort-exact"`` (every integer equals onnxruntime's), ``"q31"`` or ``"pot"``
-    (:mod:`qnnlib.coprocessor.policy`).
+    (:mod:`qnnlib.coprocessor.policy`). ``jit``: run the hottest kernels as compiled loops
+    (:mod:`qnnlib.coprocessor.jit`; the ``fast`` extra, numba); None uses them when numba is
+    installed. The outputs are the same either way.
     """
 
-    def __init__(self, model: ModelLike, policy: str = "ort-exact") -> None:
+    def __init__(self, model: ModelLike, policy: str = "ort-exact", *, jit: bool | None = None) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if jit and not compiled_loops.available():
+            raise ConfigError("jit=True needs numba, which is not installed: pip install 'qnnlib[fast]', "
+                              "or pass jit=None to use numpy kernels when it is missing")
         self.policy = policy
+        self.jit = compiled_loops.available() if jit is None else jit
         proto, self._tables = lookup.fuse(to_integer(load_model(model)).model)
         self._model = proto
         index = GraphIndex(proto)
@@ -95,6 +102,13 @@ class InferenceSession:
             segment.outputs = sorted(made & produced_later)
             segment.inputs = list(dict.fromkeys(read))
             produced_later |= set(segment.inputs)
+        with compiled_loops.enabled(self.jit):
+            self._compile_segments()
+        self._inputs = [_arg(v) for v in proto.graph.input if v.name not in self._constants]
+        self._outputs = [_arg(v) for v in proto.graph.output]
+
+    def _compile_segments(self) -> None:
+        """An onnxruntime CPU session per unclaimed segment; each claimed node's kernel, with its constants bound."""
         for segment in self._segments:
             if segment.place == CPU:
                 # one thread: a pool spinning after each short run would take the cores from the coprocessor's GEMMs
@@ -102,8 +116,6 @@ class InferenceSession:
                                                log_errors_as="CPU part of the model")
             else:  # compile: each node's kernel with its constants bound, once
                 segment.kernels = [(n, self._compile(n)) for n in segment.nodes]
-        self._inputs = [_arg(v) for v in proto.graph.input if v.name not in self._constants]
-        self._outputs = [_arg(v) for v in proto.graph.output]
 
     def _compile(self, node: onnx.NodeProto) -> Compiled:
         return KERNELS[node.op_type](_attributes(node), [self._constants.get(t) if t else None for t in node.input],
