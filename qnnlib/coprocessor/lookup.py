@@ -20,8 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qnnlib.coprocessor import jit
-from qnnlib.coprocessor.pointwise import Arrays, Compiled, first
+from qnnlib.coprocessor.pointwise import EIGHT_BIT, Arrays, Compiled, first, table_indexer
 from qnnlib.graph.edit import ensure_opset, replace_nodes
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import make_session
@@ -34,7 +33,6 @@ ELEMENTWISE = frozenset({
     "LeakyRelu", "Log", "Max", "Min", "Mish", "Mul", "Neg", "Pow", "Reciprocal", "Relu", "Selu", "Sigmoid",
     "Softplus", "Softsign", "Sqrt", "Sub", "Tanh", "ThresholdedRelu",
 })
-EIGHT_BIT = (np.dtype(np.uint8), np.dtype(np.int8))
 
 
 @dataclass(frozen=True)
@@ -166,11 +164,5 @@ def lookup(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
     """The coprocessor kernel of a ``LookupTable`` node: ``table[x]`` (offset by 128 for int8 inputs)."""
     values = consts[1]
     assert values is not None
-    if jit.active():
-        return lambda ins: [jit.lookup(values, first(ins))]
-
-    def run(ins: Arrays) -> list[np.ndarray]:
-        x = first(ins)
-        return [values[x.astype(np.int32) + 128] if x.dtype == np.int8 else values[x]]
-
-    return run
+    index = table_indexer()
+    return lambda ins: [index(values, first(ins))]

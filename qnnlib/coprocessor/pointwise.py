@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from qnnlib.coprocessor import jit
 from qnnlib.coprocessor.kernels import sliding_windows
 from qnnlib.coprocessor.policy import Requantizer, power_of_two
 
@@ -21,6 +22,10 @@ Arrays = Sequence[np.ndarray | None]
 #: A node compiled for the coprocessor: its input arrays (constants included) to its outputs.
 Compiled = Callable[[Arrays], list[np.ndarray]]
 f32 = np.float32
+#: Elements above which a binary op with a single-value operand runs as a table (:func:`_with_tables`).
+TABULATE_ABOVE = 1024
+#: The input types a table covers.
+EIGHT_BIT = (np.dtype(np.uint8), np.dtype(np.int8))
 #: Fractional bits of the integer accumulator of Add under q31 and pot (TFLite's choice).
 ADD_FRACTION_BITS = 20
 
@@ -68,7 +73,7 @@ def qlinear_add(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
                 out = _fma(a, ratio_a, _fma(b, ratio_b, fixed))
             return [_clip_to(np.rint(out), dtype)]
 
-        return run
+        return _with_tables(run)
     one = 2.0**ADD_FRACTION_BITS
     mult_a, mult_b = (_integer_factor(float(r), policy) * one for r in (ratio_a, ratio_b))
     requant = Requantizer.compile(np.asarray(1.0 / one), zero_c, dtype, policy)
@@ -80,7 +85,41 @@ def qlinear_add(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
         acc += _centred(b, zero_b).astype(np.int64) * round(mult_b)
         return [requant(acc)]
 
-    return run_integer
+    return _with_tables(run_integer)
+
+
+def _with_tables(run: Compiled) -> Compiled:
+    """``run`` of a binary op on 8-bit inputs 0 and 3, as a table lookup when one input holds a single value.
+
+    Then the output is a function of the other input alone, which takes at most 256 values: ``run``
+    evaluates it once on every value of that input's type, and each element is looked up,
+    ``y = table[x]``. The same integers as ``run`` on the whole tensor, in one pass.
+    """
+    index = table_indexer()
+
+    def run_tabulated(ins: Arrays) -> list[np.ndarray]:
+        a, b = ins[0], ins[3]
+        assert a is not None and b is not None
+        many, position = (a, 0) if b.size == 1 else (b, 3)
+        if min(a.size, b.size) != 1 or many.size <= TABULATE_ABOVE or many.dtype not in EIGHT_BIT:
+            return run(ins)
+        info = np.iinfo(many.dtype)
+        probe = list(ins)
+        # every value, with the input's rank: the op broadcasts it against the other input as it would the input
+        probe[position] = np.arange(info.min, info.max + 1).astype(many.dtype).reshape(*[1] * (many.ndim - 1), -1)
+        table = run(probe)[0].reshape(-1)
+        return [index(table, many).reshape(np.broadcast_shapes(a.shape, b.shape))]
+
+    return run_tabulated
+
+
+def table_indexer() -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``(table, x) -> table[x]`` for 8-bit ``x`` (``x + 128`` for int8): compiled loops when active now, else numpy."""
+    return jit.lookup if jit.active() else _index
+
+
+def _index(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return table[x.astype(np.int32) + 128] if x.dtype == np.int8 else table[x]
 
 
 def _fma(x: np.ndarray, r: np.float32, t: np.ndarray | np.float32) -> np.ndarray:
@@ -112,7 +151,7 @@ def qlinear_mul(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
         assert a is not None and b is not None
         return [requant(_centred(a, zero_a) * _centred(b, zero_b))]
 
-    return run
+    return _with_tables(run)
 
 
 def qlinear_concat(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled:
