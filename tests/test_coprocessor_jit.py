@@ -8,7 +8,7 @@ from onnx import helper
 
 import qnnlib
 from qnnlib.coprocessor import InferenceSession, jit
-from qnnlib.coprocessor.kernels import depthwise_accumulate, output_size
+from qnnlib.coprocessor.kernels import depthwise_accumulate, im2col, output_size
 from qnnlib.coprocessor.ops import _Bias
 from qnnlib.coprocessor.policy import Requantizer
 from qnnlib.coprocessor.session import COPROCESSOR
@@ -45,6 +45,24 @@ def test_depthwise_equals_the_numpy_kernel(case: tuple, dtype: type) -> None:
     got = jit.depthwise(x, zero, weights, np.ascontiguousarray(np.moveaxis(weights, 0, -1)), strides=strides,
                         dilations=dilations, pads=pads, out=out)
     np.testing.assert_array_equal(want, got)
+
+
+@needs_numba
+@pytest.mark.parametrize("case", _DEPTHWISE)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_patches_equal_im2col(case: tuple, dtype: type) -> None:
+    channels, h, w, kernel, strides, dilations, pads = case
+    rng = np.random.default_rng(channels + h)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max + 1, size=(2, channels, h, w)).astype(dtype)
+    zero = int(rng.integers(info.min, info.max + 1))
+    raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=zero)
+    geometry = {"strides": strides, "dilations": dilations, "pads": pads, "out": out}
+    got_raw = jit.patches(x, zero, kernel, **geometry, centred=False)
+    assert got_raw.dtype == raw.dtype
+    np.testing.assert_array_equal(raw, got_raw)
+    np.testing.assert_array_equal(np.subtract(raw, np.float32(zero), dtype=np.float32),
+                                  jit.patches(x, zero, kernel, **geometry, centred=True))
 
 
 @needs_numba

@@ -8,6 +8,7 @@ operations in the same order, so outputs are bit-identical with or without numba
 * :func:`depthwise`: ``acc[n, c, p] = sum_k (x - z_x)[n, c, window(p, k)] * w[c, k]``, exact in
   float32 (every partial sum is an integer below ``2**24``, so the order and any fused multiply-add
   change nothing); :func:`qnnlib.coprocessor.kernels.depthwise_accumulate` without numba.
+* :func:`patches`: a convolution's patch matrix (im2col), centred into float32 in the same pass.
 * :class:`Requantize`: ``y = rint(clip(f32(f64(acc) + bias) * m[c], q_min - z, q_max - z)) + z``,
   onnxruntime's requantisation (:mod:`qnnlib.coprocessor.policy`, ``ort-exact``) with its int32
   bias add, per output channel.
@@ -164,6 +165,52 @@ def _requantize(acc: np.ndarray, bias: np.ndarray, factor: np.ndarray, bounds: t
                 v = min(max(v, lo), hi)
                 target[i] = np.rint(v) + z
     return out
+
+
+@_compiled
+def _patches(x: np.ndarray, centre: float, fill: float, geometry: tuple[int, ...],
+             out: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    sh, sw, dh, dw, top, left, oh, ow = geometry
+    n, c, h, width = x.shape
+    kh, kw = out.shape[2], out.shape[3]
+    centre32 = np.float32(centre)
+    for b in range(n):
+        for ch in range(c):
+            for ky in range(kh):
+                for kx in range(kw):
+                    shift = kx * dw - left  # input column of output column ox: ox * sw + shift
+                    low = min(ow, max(0, -((shift) // sw)))  # first ox reading inside the input
+                    high = max(low, min(ow, (width - 1 - shift) // sw + 1))
+                    for oy in range(oh):
+                        target = out[b, ch, ky, kx, oy]
+                        iy = oy * sh + ky * dh - top
+                        if iy < 0 or iy >= h:
+                            target[:] = fill
+                            continue
+                        target[:low] = fill
+                        target[high:] = fill
+                        row = x[b, ch, iy]
+                        if sw == 1:
+                            dense = row[low + shift:high + shift]
+                            for i in range(high - low):
+                                target[low + i] = np.float32(dense[i]) - centre32
+                        else:
+                            strided = row[low * sw + shift:(high - 1) * sw + shift + 1:sw]
+                            for i in range(high - low):
+                                target[low + i] = np.float32(strided[i]) - centre32
+    return out
+
+
+def patches(x: np.ndarray, x_zero: int, kernel: Sequence[int], *, strides: Sequence[int],
+            dilations: Sequence[int], pads: Sequence[int], out: Sequence[int], centred: bool) -> np.ndarray:
+    """A 2-D convolution's patches of ``x`` (N, C, H, W): (N, C, kh * kw, positions), as ``kernels.im2col``.
+
+    ``centred``: float32 ``x - z_x``, padding 0; else ``x`` itself, padding ``z_x`` (im2col's values).
+    """
+    geometry = tuple(int(v) for v in (*strides, *dilations, *pads[:2], *out))
+    result = np.empty((x.shape[0], x.shape[1], *kernel, *out), np.float32 if centred else x.dtype)
+    _patches(x, float(x_zero) if centred else 0.0, 0.0 if centred else float(x_zero), geometry, result)
+    return result.reshape(x.shape[0], x.shape[1], int(kernel[0]) * int(kernel[1]), -1)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,7 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
     depthwise = c_group == 1 and m_group == 1 and group > 1
     accumulate = _depthwise(centred.reshape(group, *kernel).astype(np.float32), x_zero, strides, dilations) \
         if depthwise else None
+    gather = _patches(kernel, x_zero, strides, dilations)
     product = None if depthwise else ExactProduct.compile(centred.reshape(group, m_group, c_group * kk),
                                                           _input_range(xz))
     saturation = None
@@ -155,8 +156,7 @@ def qlinear_conv(attrs: dict[str, Any], consts: Arrays, policy: str) -> Compiled
             acc, out = accumulate(x, pads)
         else:
             assert product is not None
-            raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)  # (N, C, kk, P)
-            patches = np.subtract(raw, np.float32(x_zero), dtype=np.float32)  # one pass: cast and centre
+            raw, patches, out = gather(x, pads, saturation is not None)  # (N, C, kk, P) each
             acc = product(patches.reshape(n, group, c_group * kk, -1)).reshape(n, m_out, -1)
         if saturation is not None:
             ordered = np.swapaxes(raw.reshape(n, group, c_group, kk, -1), 2, 3).reshape(n, group, kk * c_group, -1)
@@ -189,6 +189,30 @@ def _depthwise(weights: np.ndarray, x_zero: int, strides: Sequence[int], dilatio
                              out=out), out
 
     return compiled
+
+
+def _patches(kernel: Sequence[int], x_zero: int, strides: Sequence[int], dilations: Sequence[int]
+             ) -> Callable[[np.ndarray, list[int], bool], tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
+    """A convolution's patches: ``(raw, centred, out dims)`` from the input, its pads and whether ``raw`` is needed.
+
+    ``raw`` is :func:`im2col` (padding ``z_x``; the input itself when not needed), ``centred`` the
+    float32 ``raw - z_x``. Compiled loops
+    (:func:`qnnlib.coprocessor.jit.patches`, one pass each) for a 2-D kernel when they are active.
+    """
+    if jit.active() and len(kernel) == 2:
+        def compiled(x: np.ndarray, pads: list[int], need_raw: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+            out = _output_dims(x, kernel, strides, dilations, pads)
+            geometry = {"strides": strides, "dilations": dilations, "pads": pads, "out": out}
+            raw = jit.patches(x, x_zero, kernel, **geometry, centred=False) if need_raw else x
+            return raw, jit.patches(x, x_zero, kernel, **geometry, centred=True), out
+
+        return compiled
+
+    def numpy_patches(x: np.ndarray, pads: list[int], need_raw: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        raw, out = im2col(x, kernel, strides, dilations, pads, pad_value=x_zero)
+        return raw, np.subtract(raw, np.float32(x_zero), dtype=np.float32), out  # one pass: cast and centre
+
+    return numpy_patches
 
 
 def _gemm_parts(b: np.ndarray, b_zero: np.ndarray, a_zero: np.ndarray, policy: str
