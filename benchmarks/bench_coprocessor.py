@@ -16,6 +16,11 @@ onnxruntime-extensions Python ops inside one onnxruntime session
 (:class:`qnnlib.coprocessor.extensions.ExtensionsSession`): its output elements differing from
 onnxruntime's, the task metric and latency.
 
+With numba installed (the ``fast`` extra) the sessions use the compiled loops, and a line per model
+gives the ``ort-exact`` latency without them (``jit=False``). A line gives the float32 GEMMs of the
+model's convolutions alone, timed in numpy on their shapes, against onnxruntime's whole run: the
+least a float32-GEMM engine pays on this machine (:func:`_gemm_floor`).
+
 A last line per model quantises again with ``QuantConfig(power_of_two_scales=True)`` and runs that
 integer model under ``pot``: its integer operators that still need a multiplier (none when every
 factor is a shift), the differing elements against onnxruntime on that model (rounding ties: a shift
@@ -36,7 +41,7 @@ import onnxruntime as ort
 import qnnlib
 from benchmarks.runner import run_models
 from benchmarks.tasks import TASKS
-from qnnlib.coprocessor import POLICIES, InferenceSession
+from qnnlib.coprocessor import POLICIES, InferenceSession, jit
 from qnnlib.coprocessor.session import COPROCESSOR
 from qnnlib.errors import ConfigError
 from qnnlib.graph.edit import with_outputs
@@ -65,6 +70,10 @@ def bench_model(name: str, held: int) -> dict[str, Any]:
         ours, theirs = _latency(session, ort_session, feeds[0])
         row["policies"][policy] = {**entry, "latency_ms": ours * 1000, "onnxruntime_ms": theirs * 1000,
                                    "latency_ratio": ours / theirs}
+    if jit.available():  # the same session without the compiled loops: what the fast extra buys
+        ours, theirs = _latency(InferenceSession(integer, jit=False), ort_session, feeds[0])
+        row["numpy_only"] = {"latency_ms": ours * 1000, "onnxruntime_ms": theirs * 1000, "latency_ratio": ours / theirs}
+    row["gemm_floor"] = _gemm_floor(integer, feeds[0], row["policies"]["ort-exact"]["onnxruntime_ms"] / 1000)
     row["extensions"] = _extensions(integer, ort_session, feeds, lambda got: task.metric(reference, got))
     pot = qnnlib.quantize(str(task.model_path), [{task.input_name: x} for x in task.calib],
                           config=qnnlib.QuantConfig(power_of_two_scales=True)).integer_details()
@@ -89,6 +98,38 @@ def _deviation(session: InferenceSession, integer: Any, feeds: list[dict[str, np
     return {"claimed": sum(place == COPROCESSOR for place in session.placement().values()),
             "nodes": len(integer.graph.node), "differing": differing, "elements": total,
             "metric": metric([session.run(None, f) for f in feeds])}
+
+
+def _gemm_floor(integer: Any, feed: dict[str, np.ndarray], onnxruntime_s: float) -> dict[str, Any]:
+    """The float32 GEMMs of the model's convolutions alone, timed in numpy on random data of their shapes.
+
+    Each non-depthwise QLinearConv is the GEMM (G, M/G, C/G * k) @ (N, G, C/G * k, positions) of the
+    coprocessor's kernel; the median of 15 runs of all of them is the least any float32-GEMM engine
+    pays for them on this machine (Gemm and MatMul layers are left out, so it is a lower bound).
+    """
+    convs = [n for n in integer.graph.node if n.op_type == "QLinearConv"]
+    outputs = make_session(with_outputs(integer, [n.output[0] for n in convs])).run([n.output[0] for n in convs], feed)
+    weights = {t.name: t.dims for t in integer.graph.initializer}
+    rng = np.random.default_rng(0)
+    pairs, macs = [], 0
+    for node, y in zip(convs, outputs, strict=True):
+        m, c_group, *kernel = weights[node.input[3]]
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if c_group == 1 and group > 1:  # depthwise: no GEMM
+            continue
+        k, positions = c_group * int(np.prod(kernel)), int(np.prod(y.shape[2:]))
+        pairs.append((rng.random((group, m // group, k), np.float32),
+                      rng.random((y.shape[0], group, k, positions), np.float32)))
+        macs += m * k * positions * y.shape[0]
+    times = []
+    for _ in range(LATENCY_BLOCKS * BLOCK_RUNS):
+        start = time.perf_counter()
+        for w, x in pairs:
+            np.matmul(w, x)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return {"gemms": len(pairs), "macs": macs, "ms": seconds * 1000, "gmacs_per_s": macs / seconds / 1e9,
+            "onnxruntime_ratio": seconds / onnxruntime_s}
 
 
 def _extensions(integer: Any, ort_session: Any, feeds: list[dict[str, np.ndarray]], metric: Any) -> dict[str, Any]:
@@ -141,6 +182,14 @@ def fmt(row: dict[str, Any]) -> str:
         lines.append(f"  {policy:9} claimed {r['claimed']}/{r['nodes']} nodes; differing {r['differing']}/"
                      f"{r['elements']} ({share:.2%}); {row['metric']} {r['metric']:.3f}; latency {r['latency_ms']:.1f} "
                      f"ms vs onnxruntime {r['onnxruntime_ms']:.1f} ms = {r['latency_ratio']:.1f}x")
+    if "numpy_only" in row:
+        r = row["numpy_only"]
+        lines.append(f"  ort-exact without the compiled loops (jit=False): latency {r['latency_ms']:.1f} ms vs "
+                     f"onnxruntime {r['onnxruntime_ms']:.1f} ms = {r['latency_ratio']:.1f}x")
+    r = row["gemm_floor"]
+    lines.append(f"  float32 GEMMs of its {r['gemms']} convolutions alone ({r['macs'] / 1e6:.0f} M MACs at "
+                 f"{r['gmacs_per_s']:.1f} GMAC/s): {r['ms']:.1f} ms = {r['onnxruntime_ratio']:.1f}x onnxruntime's "
+                 "whole run")
     r = row["extensions"]
     if "skipped" in r:
         lines.append(f"  onnxruntime-extensions: skipped ({r['skipped']})")

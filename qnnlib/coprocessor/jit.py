@@ -65,7 +65,10 @@ def _compiled(fn: _F) -> _F:
     """``fn`` compiled by numba (no Python objects, GIL released, cached on disk); ``fn`` itself without numba."""
     if numba is None:
         return fn
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
+    try:
+        return cast(_F, numba.njit(cache=True, nogil=True)(fn))
+    except RuntimeError:  # numba finds no writable cache directory: compile in each process instead
+        return cast(_F, numba.njit(nogil=True)(fn))
 
 
 @_compiled
