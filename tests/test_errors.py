@@ -241,3 +241,18 @@ def test_unknown_custom_op_names_the_node() -> None:
                               ir_version=8)
     with pytest.raises(qnnlib.SessionError, match=r"'mystery_node' \(com\.example::Mystery\).*register"):
         qnnlib.quantize(model, None)
+
+
+def test_an_ir_version_onnxruntime_cannot_read_names_both_versions_and_the_fix() -> None:
+    import onnxruntime as ort
+
+    model = builders.mlp()
+    model.ir_version = onnx.IR_VERSION  # the newest onnx writes, as onnx.helper.make_model does
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        pytest.skip("this onnxruntime reads onnx's newest IR version")
+    except Exception:  # onnxruntime's own exception types
+        pass
+    with pytest.raises(qnnlib.SessionError,
+                       match=rf"IR version {onnx.IR_VERSION} .* reads up to \d+.*model\.ir_version = \d+"):
+        qnnlib.quantize(model, builders.calibration(model, 4))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -283,7 +284,17 @@ def make_session(proto: onnx.ModelProto, *, outputs: Sequence[str] = (), threads
         return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise SessionError(f"onnxruntime could not load the {log_errors_as}: {first_line(exc)}"
-                           + _custom_op_hint(proto)) from exc
+                           + _custom_op_hint(proto) + _ir_version_hint(str(exc), proto)) from exc
+
+
+def _ir_version_hint(message: str, proto: onnx.ModelProto) -> str:
+    """When onnxruntime refuses the model's IR version: the versions and the fix."""
+    found = re.search(r"max supported IR version: (\d+)", message)
+    if found is None:
+        return ""
+    return (f". The model declares IR version {proto.ir_version} and this onnxruntime reads up to "
+            f"{found.group(1)} (onnx.helper.make_model writes the newest onnx knows): set "
+            f"model.ir_version = {found.group(1)} if the model uses nothing newer, or upgrade onnxruntime")
 
 
 #: Op domains onnxruntime's CPU provider implements without extra libraries.
