@@ -108,7 +108,8 @@ def _gemm_floor(integer: Any, feed: dict[str, np.ndarray], onnxruntime_s: float)
     pays for them on this machine (Gemm and MatMul layers are left out, so it is a lower bound).
     """
     convs = [n for n in integer.graph.node if n.op_type == "QLinearConv"]
-    outputs = make_session(with_outputs(integer, [n.output[0] for n in convs])).run([n.output[0] for n in convs], feed)
+    names = [n.output[0] for n in convs]
+    outputs = make_session(with_outputs(integer, names)).run(names, feed)
     weights = {t.name: t.dims for t in integer.graph.initializer}
     rng = np.random.default_rng(0)
     pairs, macs = [], 0

@@ -72,13 +72,12 @@ def _compiled(fn: _F) -> _F:
 
 
 @_compiled
-def _depthwise_planes(x: np.ndarray, zero: float, w: np.ndarray,
-                      geometry: tuple[int, ...]) -> np.ndarray:  # pragma: no cover - compiled
+def _depthwise_planes(x: np.ndarray, zero: float, w: np.ndarray, geometry: tuple[int, ...],
+                      extent: tuple[int, int]) -> np.ndarray:  # pragma: no cover - compiled
     sh, sw, dh, dw, top, left, oh, ow = geometry
+    rows, columns = extent
     n, c, h, width = x.shape
     kh, kw = w.shape[1], w.shape[2]
-    rows = max((oh - 1) * sh + (kh - 1) * dh + 1, h + top)
-    columns = max((ow - 1) * sw + (kw - 1) * dw + 1, width + left)
     # the padded, centred plane split by column phase: plane[q % sw, y, q // sw] holds column q, so
     # every tap reads a contiguous run of columns whatever the stride
     plane = np.zeros((sw, rows, (columns + sw - 1) // sw), np.float32)
@@ -107,13 +106,12 @@ def _depthwise_planes(x: np.ndarray, zero: float, w: np.ndarray,
 
 
 @_compiled
-def _depthwise_channels_last(x: np.ndarray, zero: float, w: np.ndarray,
-                             geometry: tuple[int, ...]) -> np.ndarray:  # pragma: no cover - compiled
+def _depthwise_channels_last(x: np.ndarray, zero: float, w: np.ndarray, geometry: tuple[int, ...],
+                             extent: tuple[int, int]) -> np.ndarray:  # pragma: no cover - compiled
     sh, sw, dh, dw, top, left, oh, ow = geometry
     n, c, h, width = x.shape
     kh, kw = w.shape[0], w.shape[1]
-    plane = np.zeros((max((oh - 1) * sh + (kh - 1) * dh + 1, h + top),
-                      max((ow - 1) * sw + (kw - 1) * dw + 1, width + left), c), np.float32)
+    plane = np.zeros((extent[0], extent[1], c), np.float32)
     acc = np.zeros((oh, ow, c), np.float32)
     out = np.empty((n, c, oh, ow), np.float32)
     for b in range(n):
@@ -138,6 +136,12 @@ def _depthwise_channels_last(x: np.ndarray, zero: float, w: np.ndarray,
     return out
 
 
+def _geometry(strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int],
+              out: Sequence[int]) -> tuple[int, ...]:
+    """A 2-D window's geometry as the compiled loops take it: strides, dilations, top and left pads, output dims."""
+    return tuple(int(v) for v in (*strides, *dilations, *pads[:2], *out))
+
+
 def depthwise(x: np.ndarray, x_zero: int, weights: np.ndarray, weights_last: np.ndarray, *,
               strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int],
               out: Sequence[int]) -> np.ndarray:
@@ -147,10 +151,12 @@ def depthwise(x: np.ndarray, x_zero: int, weights: np.ndarray, weights_last: np.
     ``[top, left, bottom, right]`` (the end padding is implied by ``out``, the output's dims).
     Narrow outputs run with channels innermost, wide ones plane by plane.
     """
-    fn = _depthwise_channels_last if out[1] <= CHANNELS_LAST_WIDTH else _depthwise_planes
-    w = weights_last if out[1] <= CHANNELS_LAST_WIDTH else weights
-    geometry = tuple(int(v) for v in (*strides, *dilations, *pads[:2], *out))
-    acc = fn(x, float(x_zero), w, geometry)
+    fn, w = (_depthwise_channels_last, weights_last) if out[1] <= CHANNELS_LAST_WIDTH else (_depthwise_planes, weights)
+    geometry = _geometry(strides, dilations, pads, out)
+    # the padded input's extent: what the last window reads, and at least the input after its begin padding
+    extent = tuple(max((out[i] - 1) * strides[i] + (weights.shape[1 + i] - 1) * dilations[i] + 1,
+                       x.shape[2 + i] + pads[i]) for i in range(2))
+    acc = fn(x, float(x_zero), w, geometry, extent)
     return np.asarray(acc).reshape(x.shape[0], weights.shape[0], -1)
 
 
@@ -210,7 +216,7 @@ def patches(x: np.ndarray, x_zero: int, kernel: Sequence[int], *, strides: Seque
 
     ``centred``: float32 ``x - z_x``, padding 0; else ``x`` itself, padding ``z_x`` (im2col's values).
     """
-    geometry = tuple(int(v) for v in (*strides, *dilations, *pads[:2], *out))
+    geometry = _geometry(strides, dilations, pads, out)
     result = np.empty((x.shape[0], x.shape[1], *kernel, *out), np.float32 if centred else x.dtype)
     _patches(x, float(x_zero) if centred else 0.0, 0.0 if centred else float(x_zero), geometry, result)
     return result.reshape(x.shape[0], x.shape[1], int(kernel[0]) * int(kernel[1]), -1)

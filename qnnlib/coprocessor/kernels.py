@@ -157,6 +157,14 @@ def output_size(size: int, kernel: int, stride: int, dilation: int, pads: tuple[
     return out - 1 if ceil and (out - 1) * stride >= size + pad_begin else out
 
 
+def output_dims(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+                pads: Sequence[int], *, ceil: bool = False) -> tuple[int, ...]:
+    """A sliding window's output dims over ``spatial``: :func:`output_size` per axis (ONNX's ``pads`` order)."""
+    rank = len(kernel)
+    return tuple(output_size(spatial[i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]), ceil=ceil)
+                 for i in range(rank))
+
+
 def sliding_windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
                     pads: Sequence[int], *, fill: Any = 0, ceil: bool = False
                     ) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], tuple[int, ...]]:
@@ -168,8 +176,7 @@ def sliding_windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int]
     """
     rank = len(kernel)
     spatial = x.shape[2:]
-    out = tuple(output_size(spatial[i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]), ceil=ceil)
-                for i in range(rank))
+    out = output_dims(spatial, kernel, strides, dilations, pads, ceil=ceil)
     end = [max(pads[i + rank], (out[i] - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - spatial[i] - pads[i])
            for i in range(rank)]
     padded = np.pad(x, [(0, 0), (0, 0), *zip(pads[:rank], end, strict=True)], constant_values=fill) \

@@ -21,7 +21,7 @@ from qnnlib.coprocessor.kernels import (
     PairSaturation,
     depthwise_accumulate,
     im2col,
-    output_size,
+    output_dims,
     pair_axes,
     pairs_saturate,
 )
@@ -55,14 +55,6 @@ def _spatial_pads(attrs: dict[str, Any], x: np.ndarray, kernel: Sequence[int], s
         begin.append(small if auto == "SAME_UPPER" else large)
         end.append(large if auto == "SAME_UPPER" else small)
     return begin + end
-
-
-def _output_dims(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
-                 pads: Sequence[int]) -> tuple[int, ...]:
-    """The spatial dims of a convolution's output (:func:`qnnlib.coprocessor.kernels.output_size` per axis)."""
-    rank = len(kernel)
-    return tuple(output_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], (pads[i], pads[i + rank]))
-                 for i in range(rank))
 
 
 def _input_range(zero_point: np.ndarray) -> int:
@@ -184,7 +176,7 @@ def _depthwise(weights: np.ndarray, x_zero: int, strides: Sequence[int], dilatio
     channels_last = np.ascontiguousarray(np.moveaxis(weights, 0, -1))
 
     def compiled(x: np.ndarray, pads: list[int]) -> tuple[np.ndarray, tuple[int, ...]]:
-        out = _output_dims(x, kernel, strides, dilations, pads)
+        out = output_dims(x.shape[2:], kernel, strides, dilations, pads)
         return jit.depthwise(x, x_zero, weights, channels_last, strides=strides, dilations=dilations, pads=pads,
                              out=out), out
 
@@ -201,7 +193,7 @@ def _patches(kernel: Sequence[int], x_zero: int, strides: Sequence[int], dilatio
     """
     if jit.active() and len(kernel) == 2:
         def compiled(x: np.ndarray, pads: list[int], need_raw: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-            out = _output_dims(x, kernel, strides, dilations, pads)
+            out = output_dims(x.shape[2:], kernel, strides, dilations, pads)
             geometry = {"strides": strides, "dilations": dilations, "pads": pads, "out": out}
             raw = jit.patches(x, x_zero, kernel, **geometry, centred=False) if need_raw else x
             return raw, jit.patches(x, x_zero, kernel, **geometry, centred=True), out
