@@ -409,10 +409,21 @@ def test_overflow_fix_recovers_saturating_layer() -> None:
 
 def test_sequential_and_pipelined_calibration_agree(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                                                     reference: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above PIPELINE_BYTES per sample the pass runs one sample at a time; the result is the same."""
+    """Above PIPELINE_BYTES in flight the pass runs one sample at a time; the result is the same."""
     from qnnlib.calibration import collect
 
     monkeypatch.setattr(collect, "PIPELINE_BYTES", 1)
+    assert qnnlib.quantize(model, iter(feeds)).model.SerializeToString() == reference
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_calibration_runs_in_flight_do_not_change_the_result(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                                                             reference: bytes, workers: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Observers are updated in sample order whichever run finishes first."""
+    from qnnlib.calibration import collect
+
+    monkeypatch.setattr(collect, "CALIBRATION_WORKERS", workers)
     assert qnnlib.quantize(model, iter(feeds)).model.SerializeToString() == reference
 
 

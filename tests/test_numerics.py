@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from qnnlib.calibration import histogram
 from qnnlib.calibration.histogram import StreamingHistogram
 from qnnlib.calibration.methods import (
     MSE,
@@ -19,7 +20,7 @@ from qnnlib.calibration.methods import (
     percentile_range,
     quantization_error,
 )
-from qnnlib.numerics import affine
+from qnnlib.numerics import affine, compiled
 from qnnlib.numerics.metrics import ErrorAccumulator, cosine, sqnr_db
 from qnnlib.numerics.qtypes import INT8, UINT8
 
@@ -166,7 +167,7 @@ def test_sqnr_and_cosine() -> None:
 
 
 # -- streaming histogram -------------------------------------------------------------------------
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # the first call may compile numba loops
 @given(st.lists(hnp.arrays(np.float32, st.integers(1, 200),
                           elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False)),
                 min_size=1, max_size=8))
@@ -195,6 +196,39 @@ def test_histogram_merges_bins_exactly_when_widening() -> None:
     width = hist.width
     hist.update(np.array([100.0], np.float32))
     assert hist.width > width and hist.counts.sum() == 1001
+
+
+@pytest.mark.parametrize("bounds", [(-0.5, 0.7), (-np.inf, 0.7), (-0.5, np.inf), (-9.0, 9.0)])
+@pytest.mark.parametrize("size", [1, 63, 64, 65, 10_001])
+def test_outside_selects_the_values_beyond_the_bounds_in_order(size: int, bounds: tuple[float, float],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.random.default_rng(size).normal(size=size).astype(np.float32)
+    lo, hi = bounds
+    want = x[(x < lo) | (x > hi)]
+    np.testing.assert_array_equal(histogram.outside(x, lo, hi), want)
+    monkeypatch.setattr(compiled, "available", lambda: False)  # the numpy path
+    np.testing.assert_array_equal(histogram.outside(x, lo, hi), want)
+
+
+def test_histogram_observer_is_the_same_with_and_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subsample plus exact tails: the counts do not depend on which path selected the tails."""
+    rng = np.random.default_rng(9)
+    batches = [rng.laplace(size=50_000).astype(np.float32), np.maximum(rng.normal(size=70_000), 0).astype(np.float32),
+               (3 * rng.normal(size=30_000)).astype(np.float32)]
+
+    def observe() -> tuple[np.ndarray, tuple[float, float]]:
+        obs = MSE().observer(256)
+        for b in batches:
+            obs.update(b, float(b.min()), float(b.max()))
+        return obs.histogram.counts, obs.range_  # type: ignore[attr-defined]
+
+    counts, chosen = observe()
+    monkeypatch.setattr(compiled, "available", lambda: False)
+    numpy_counts, numpy_chosen = observe()
+    np.testing.assert_array_equal(counts, numpy_counts)
+    assert chosen == numpy_chosen
+    # every value beyond each batch's subsample is counted once, the subsample stands for the rest
+    assert counts.sum() == pytest.approx(sum(b.size for b in batches), rel=0.01)
 
 
 # -- range choices ------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ references that the report's fidelity figures are measured against, without a se
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,11 +29,15 @@ from qnnlib.numerics.metrics import reference_positions
 
 log = logging.getLogger(__name__)
 
-#: onnxruntime threads in the calibration pipeline: one, so that the observers have the other core
-#: (measured faster than two on three of the four benchmark models).
+#: onnxruntime threads per calibration run: one, and :data:`CALIBRATION_WORKERS` runs at a time on
+#: different samples, while this thread updates the observers with the oldest finished one.
 CALIBRATION_THREADS: int | None = 1
-#: Largest size of one sample's observed tensors at which two samples may be in flight.
-PIPELINE_BYTES = 256 << 20
+#: Calibration runs in flight: one per core, up to two (measured faster than one run on two
+#: threads: a run of a small model is too short to split well).
+CALIBRATION_WORKERS = max(1, min(2, os.cpu_count() or 1))
+#: Largest size of the observed tensors of all samples in flight (the runs and the one being
+#: observed); above it the pass runs one sample at a time on every core.
+PIPELINE_BYTES = 512 << 20
 #: Values kept per captured tensor and sample; per graph output and sample.
 CAPTURE_VALUES = 4096
 OUTPUT_VALUES = 1 << 16
@@ -76,9 +82,10 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     samples = 0
     if not wanted:
         return CalibrationStats({}, sum(1 for _ in feeds))
-    # A two-stage pipeline: onnxruntime (one thread) runs sample i + 1 while this thread updates the
-    # observers with sample i, so two samples' tensors are alive at once. When one sample's tensors
-    # exceed PIPELINE_BYTES the pass runs one sample at a time instead.
+    # A pipeline: onnxruntime runs the next CALIBRATION_WORKERS samples (one thread each) while this
+    # thread updates the observers with the oldest finished one, in sample order (so the result does
+    # not depend on timing). When the tensors in flight would exceed PIPELINE_BYTES the pass runs
+    # one sample at a time instead.
     sessions = [make_session(model, outputs=wanted, threads=CALIBRATION_THREADS,
                              log_errors_as="float model for calibration")]
     observe_only = list(observe)
@@ -97,24 +104,21 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
                  capture=len(references) < capture_samples)
 
     pipelined = True
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qnnlib-calibrate") as pool:
-        pending: Future[dict[str, np.ndarray]] | None = None
+    with ThreadPoolExecutor(max_workers=CALIBRATION_WORKERS, thread_name_prefix="qnnlib-calibrate") as pool:
+        pending: deque[Future[dict[str, np.ndarray]]] = deque()
         for feed in feeds:
-            upcoming = pool.submit(run, samples, feed)
+            pending.append(pool.submit(run, samples, feed))
             samples += 1
-            if pending is not None:
-                consume(pending.result())
-            pending = upcoming
             if samples == 1:
-                pipelined = sum(np.asarray(v).nbytes for v in pending.result().values()) <= PIPELINE_BYTES
+                size = sum(np.asarray(v).nbytes for v in pending[0].result().values())
+                pipelined = (CALIBRATION_WORKERS + 1) * size <= PIPELINE_BYTES
                 if not pipelined:  # one sample at a time: give onnxruntime every core
                     sessions.clear()  # one session alive at a time: each holds the model's weights
                     sessions.append(make_session(model, outputs=wanted, log_errors_as="float model for calibration"))
-            if not pipelined:
-                consume(pending.result())
-                pending = None
-        if pending is not None:
-            consume(pending.result())
+            while len(pending) > (CALIBRATION_WORKERS if pipelined else 0):
+                consume(pending.popleft().result())
+        while pending:
+            consume(pending.popleft().result())
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
     everything = dict(observers)
