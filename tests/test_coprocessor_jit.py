@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from onnx import helper
@@ -143,3 +147,12 @@ def test_jit_true_without_numba_is_a_config_error(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConfigError, match=r"qnnlib\[fast\]"):
         InferenceSession(integer, jit=True)
     assert not InferenceSession(integer).jit  # None: numpy kernels when numba is missing
+
+
+def test_quantize_does_not_import_numba() -> None:
+    """numba and LLVM cost about 0.4 s and 150 MB at import: only the coprocessor's compiled loops load them."""
+    code = ("import sys, qnnlib; from tests import builders; m = builders.conv_net(); "
+            "qnnlib.quantize(m, builders.calibration(m, 2)); print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"

@@ -12,64 +12,20 @@ import math
 
 import numpy as np
 
-from qnnlib.numerics import compiled
-
 #: Narrowest bin: its reciprocal, by which values are scaled, must stay finite in float32.
 MIN_WIDTH = 2.0**-100
-#: Values the compiled scan of :func:`outside` tests at once before looking at them one by one.
-OUTSIDE_BLOCK = 64
 
 
 def outside(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """The values of the flat float32 array ``x`` below ``lo`` or above ``hi``, in their order in ``x``.
+    """The values of the flat array ``x`` below ``lo`` or above ``hi``, in their order in ``x``.
 
-    numpy needs two passes per side (a comparison, then the selection); with numba
-    (:mod:`qnnlib.numerics.compiled`) one pass tests blocks of :data:`OUTSIDE_BLOCK` values and
-    selects only in blocks that hold such a value, which are few when ``lo`` and ``hi`` are close to
-    the extremes. Both give the same array. An infinite bound leaves that side out (numpy then
-    makes one comparison pass instead of two).
+    An infinite bound leaves that side out, which saves a comparison pass over ``x``.
     """
-    if compiled.available():
-        found = np.empty(x.size, np.float32)
-        return found[:_outside(np.ascontiguousarray(x, np.float32), np.float32(lo), np.float32(hi), found)].copy()
     if lo == -math.inf:
         return x[x > hi]
     if hi == math.inf:
         return x[x < lo]
     return x[(x > hi) | (x < lo)]
-
-
-@compiled.compiled
-def _count(x: np.ndarray, scale: np.float32, start: int, weight: float,
-           counts: np.ndarray) -> float:  # pragma: no cover - compiled
-    """Add ``weight`` to bin ``clip(floor(x * scale) - start)`` of ``counts`` per value; return the zeros seen.
-
-    The same float32 product and floor as numpy's path; counts hold integer multiples of ``weight``,
-    exact in float64, so the order of the additions changes nothing.
-    """
-    last = counts.size - 1
-    zeros = 0
-    for i in range(x.size):
-        k = np.intp(np.floor(x[i] * scale)) - start
-        counts[min(max(k, 0), last)] += weight
-        zeros += x[i] == 0
-    return float(zeros)
-
-
-@compiled.compiled
-def _outside(x: np.ndarray, lo: np.float32, hi: np.float32, found: np.ndarray) -> int:  # pragma: no cover - compiled
-    count = 0
-    for start in range(0, x.size, OUTSIDE_BLOCK):
-        end = min(start + OUTSIDE_BLOCK, x.size)
-        hit = False
-        for i in range(start, end):  # no branch: the compiler vectorises this test
-            hit |= (x[i] > hi) | (x[i] < lo)
-        if hit:
-            for i in range(start, end):
-                if x[i] > hi or x[i] < lo:
-                    found[count] = x[i]
-                    count += 1
-    return count
 
 
 class StreamingHistogram:
@@ -122,9 +78,6 @@ class StreamingHistogram:
             self.counts, self.start = grown, first
         # floor before subtracting the start: x / w - start can round up across a bin edge in float32
         scale = np.float32(1.0 / self.width)
-        if compiled.available():
-            self.zeros += weight * _count(np.ascontiguousarray(x), scale, self.start, weight, self.counts)
-            return
         scaled = x * scale
         np.floor(scaled, out=scaled)
         idx = scaled.astype(np.intp)
