@@ -36,7 +36,7 @@ CALIBRATION_THREADS: int | None = 1
 #: threads: a run of a small model is too short to split well).
 CALIBRATION_WORKERS = max(1, min(2, os.cpu_count() or 1))
 #: Largest size of the observed tensors of all samples in flight (the runs and the one being
-#: observed); above it the pass runs one sample at a time on every core.
+#: observed): fewer runs are kept in flight when they would not fit (:func:`pipeline_depth`).
 PIPELINE_BYTES = 512 << 20
 #: Values kept per captured tensor and sample; per graph output and sample.
 CAPTURE_VALUES = 4096
@@ -84,8 +84,8 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
         return CalibrationStats({}, sum(1 for _ in feeds))
     # A pipeline: onnxruntime runs the next CALIBRATION_WORKERS samples (one thread each) while this
     # thread updates the observers with the oldest finished one, in sample order (so the result does
-    # not depend on timing). When the tensors in flight would exceed PIPELINE_BYTES the pass runs
-    # one sample at a time instead.
+    # not depend on timing). Fewer runs are in flight when their tensors would exceed PIPELINE_BYTES,
+    # down to one sample at a time on every core.
     sessions = [make_session(model, outputs=wanted, threads=CALIBRATION_THREADS,
                              log_errors_as="float model for calibration")]
     observe_only = list(observe)
@@ -103,19 +103,18 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
         _consume(values, observers, nonfinite, references=references, captured=capture, outputs=graph_outputs,
                  capture=len(references) < capture_samples)
 
-    pipelined = True
+    depth = CALIBRATION_WORKERS  # runs in flight beside the sample being observed
     with ThreadPoolExecutor(max_workers=CALIBRATION_WORKERS, thread_name_prefix="qnnlib-calibrate") as pool:
         pending: deque[Future[dict[str, np.ndarray]]] = deque()
         for feed in feeds:
             pending.append(pool.submit(run, samples, feed))
             samples += 1
             if samples == 1:
-                size = sum(np.asarray(v).nbytes for v in pending[0].result().values())
-                pipelined = (CALIBRATION_WORKERS + 1) * size <= PIPELINE_BYTES
-                if not pipelined:  # one sample at a time: give onnxruntime every core
+                depth = pipeline_depth(sum(np.asarray(v).nbytes for v in pending[0].result().values()))
+                if not depth:  # one sample at a time: give onnxruntime every core
                     sessions.clear()  # one session alive at a time: each holds the model's weights
                     sessions.append(make_session(model, outputs=wanted, log_errors_as="float model for calibration"))
-            while len(pending) > (CALIBRATION_WORKERS if pipelined else 0):
+            while len(pending) > depth:
                 consume(pending.popleft().result())
         while pending:
             consume(pending.popleft().result())
@@ -130,6 +129,16 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
                if low_bit_levels is not None else {})
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes,
                             low_bit)
+
+
+def pipeline_depth(sample_bytes: int) -> int:
+    """Runs to keep in flight when one sample's observed tensors take ``sample_bytes``.
+
+    The most, up to :data:`CALIBRATION_WORKERS`, whose tensors together with the sample being
+    observed fit in :data:`PIPELINE_BYTES`; 0 (one sample at a time) when not even one does.
+    """
+    fitting = PIPELINE_BYTES // max(sample_bytes, 1) - 1
+    return max(0, min(CALIBRATION_WORKERS, fitting))
 
 
 def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int], *,
