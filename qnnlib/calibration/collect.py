@@ -12,7 +12,6 @@ references that the report's fidelity figures are measured against, without a se
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,12 +28,13 @@ from qnnlib.numerics.metrics import reference_positions
 
 log = logging.getLogger(__name__)
 
-#: onnxruntime threads per calibration run: one, and :data:`CALIBRATION_WORKERS` runs at a time on
-#: different samples, while this thread updates the observers with the oldest finished one.
+#: onnxruntime threads per calibration run: one, so that the observers have the other core
+#: (measured faster than two on three of the four benchmark models).
 CALIBRATION_THREADS: int | None = 1
-#: Calibration runs in flight: one per core, up to two (measured faster than one run on two
-#: threads: a run of a small model is too short to split well).
-CALIBRATION_WORKERS = max(1, min(2, os.cpu_count() or 1))
+#: Calibration runs in flight beside the sample being observed. Two (one per core) were measured no
+#: faster in a fresh process on SqueezeNet and the orientation model (the two cores share one
+#: physical core's execution units here) and cost 50 MB more peak memory: a second arena.
+CALIBRATION_WORKERS = 1
 #: Largest size of the observed tensors of all samples in flight (the runs and the one being
 #: observed): fewer runs are kept in flight when they would not fit (:func:`pipeline_depth`).
 PIPELINE_BYTES = 512 << 20
