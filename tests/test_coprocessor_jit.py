@@ -141,7 +141,7 @@ def test_sessions_with_and_without_the_compiled_loops_give_identical_outputs(bui
 
 
 def test_jit_true_without_numba_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jit, "available", lambda: False)
+    monkeypatch.setattr(jit, "numba", None)
     model = builders.conv_net()
     integer = qnnlib.quantize(model, builders.calibration(model, 4)).integer_model()
     with pytest.raises(ConfigError, match=r"qnnlib\[fast\]"):

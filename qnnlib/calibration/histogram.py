@@ -77,8 +77,7 @@ class StreamingHistogram:
             grown[offset:offset + len(self.counts)] = self.counts
             self.counts, self.start = grown, first
         # floor before subtracting the start: x / w - start can round up across a bin edge in float32
-        scale = np.float32(1.0 / self.width)
-        scaled = x * scale
+        scaled = x * np.float32(1.0 / self.width)
         np.floor(scaled, out=scaled)
         idx = scaled.astype(np.intp)
         idx -= self.start

@@ -20,26 +20,35 @@ operations in the same order, so outputs are bit-identical with or without numba
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from qnnlib.numerics.compiled import available, compiled
-
-__all__ = ["Requantize", "active", "available", "depthwise", "enabled", "lookup", "patches"]
+try:
+    import numba
+except ImportError:  # the fast extra is not installed: numpy kernels only
+    numba = None  # type: ignore[assignment]
 
 #: Whether kernels compiled in this context may use the compiled loops.
 ENABLED: ContextVar[bool] = ContextVar("qnnlib_coprocessor_jit", default=True)
 #: Output widths at or below which a depthwise layer runs with channels innermost (measured faster).
 CHANNELS_LAST_WIDTH = 16
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def available() -> bool:
+    """Whether numba is installed."""
+    return numba is not None
+
 
 def active() -> bool:
     """Whether kernels compiled now use the compiled loops: numba is installed and :data:`ENABLED` is set."""
-    return available() and ENABLED.get()
+    return numba is not None and ENABLED.get()
 
 
 @contextmanager
@@ -52,7 +61,17 @@ def enabled(flag: bool) -> Iterator[None]:
         ENABLED.reset(token)
 
 
-@compiled
+def _compiled(fn: _F) -> _F:
+    """``fn`` compiled by numba (no Python objects, GIL released, cached on disk); ``fn`` itself without numba."""
+    if numba is None:
+        return fn
+    try:
+        return cast(_F, numba.njit(cache=True, nogil=True)(fn))
+    except RuntimeError:  # numba finds no writable cache directory: compile in each process instead
+        return cast(_F, numba.njit(nogil=True)(fn))
+
+
+@_compiled
 def _depthwise_planes(x: np.ndarray, zero: float, w: np.ndarray, geometry: tuple[int, ...],
                       extent: tuple[int, int]) -> np.ndarray:  # pragma: no cover - compiled
     sh, sw, dh, dw, top, left, oh, ow = geometry
@@ -86,7 +105,7 @@ def _depthwise_planes(x: np.ndarray, zero: float, w: np.ndarray, geometry: tuple
     return out
 
 
-@compiled
+@_compiled
 def _depthwise_channels_last(x: np.ndarray, zero: float, w: np.ndarray, geometry: tuple[int, ...],
                              extent: tuple[int, int]) -> np.ndarray:  # pragma: no cover - compiled
     sh, sw, dh, dw, top, left, oh, ow = geometry
@@ -141,7 +160,7 @@ def depthwise(x: np.ndarray, x_zero: int, weights: np.ndarray, weights_last: np.
     return np.asarray(acc).reshape(x.shape[0], weights.shape[0], -1)
 
 
-@compiled
+@_compiled
 def _requantize(acc: np.ndarray, bias: np.ndarray, factor: np.ndarray, bounds: tuple[float, float, float],
                 out: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     n, c, p = acc.shape
@@ -157,7 +176,7 @@ def _requantize(acc: np.ndarray, bias: np.ndarray, factor: np.ndarray, bounds: t
     return out
 
 
-@compiled
+@_compiled
 def _patches(x: np.ndarray, centre: float, fill: float, geometry: tuple[int, ...],
              out: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     sh, sw, dh, dw, top, left, oh, ow = geometry
@@ -230,7 +249,7 @@ class Requantize:
         return np.asarray(_requantize(np.ascontiguousarray(acc), self.bias, self.factor, bounds, out))
 
 
-@compiled
+@_compiled
 def _lookup(table: np.ndarray, x: np.ndarray, offset: int, out: np.ndarray) -> np.ndarray:  # pragma: no cover
     for i in range(x.size):
         out[i] = table[np.int32(x[i]) + offset]
