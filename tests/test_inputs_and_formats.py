@@ -409,33 +409,10 @@ def test_overflow_fix_recovers_saturating_layer() -> None:
 
 def test_sequential_and_pipelined_calibration_agree(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                                                     reference: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above PIPELINE_BYTES in flight the pass runs one sample at a time; the result is the same."""
+    """Above PIPELINE_BYTES per sample the pass runs one sample at a time; the result is the same."""
     from qnnlib.calibration import collect
 
     monkeypatch.setattr(collect, "PIPELINE_BYTES", 1)
-    assert qnnlib.quantize(model, iter(feeds)).model.SerializeToString() == reference
-
-
-def test_pipeline_depth_keeps_the_samples_in_flight_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qnnlib.calibration import collect
-
-    monkeypatch.setattr(collect, "CALIBRATION_WORKERS", 2)
-    budget = collect.PIPELINE_BYTES
-    assert collect.pipeline_depth(1 << 20) == 2
-    assert collect.pipeline_depth(budget // 3) == 2
-    assert collect.pipeline_depth(budget // 3 + 1) == 1  # two runs and the observed sample would not fit
-    assert collect.pipeline_depth(budget // 2 + 1) == 0
-    assert collect.pipeline_depth(0) == 2
-
-
-@pytest.mark.parametrize("workers", [1, 3])
-def test_calibration_runs_in_flight_do_not_change_the_result(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                                                             reference: bytes, workers: int,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Observers are updated in sample order whichever run finishes first."""
-    from qnnlib.calibration import collect
-
-    monkeypatch.setattr(collect, "CALIBRATION_WORKERS", workers)
     assert qnnlib.quantize(model, iter(feeds)).model.SerializeToString() == reference
 
 

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qnnlib.calibration import histogram
 from qnnlib.calibration.histogram import StreamingHistogram
 from qnnlib.calibration.methods import (
     HISTOGRAM_VALUES_PER_BATCH,
@@ -197,13 +196,6 @@ def test_histogram_merges_bins_exactly_when_widening() -> None:
     width = hist.width
     hist.update(np.array([100.0], np.float32))
     assert hist.width > width and hist.counts.sum() == 1001
-
-
-@pytest.mark.parametrize("bounds", [(-0.5, 0.7), (-np.inf, 0.7), (-0.5, np.inf), (-9.0, 9.0)])
-def test_outside_selects_the_values_beyond_the_bounds_in_order(bounds: tuple[float, float]) -> None:
-    x = np.random.default_rng(0).normal(size=10_001).astype(np.float32)
-    lo, hi = bounds
-    np.testing.assert_array_equal(histogram.outside(x, lo, hi), x[(x < lo) | (x > hi)])
 
 
 def test_histogram_observer_counts_a_subsample_and_every_value_beyond_it() -> None:

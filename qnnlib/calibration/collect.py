@@ -12,7 +12,6 @@ references that the report's fidelity figures are measured against, without a se
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,16 +27,12 @@ from qnnlib.numerics.metrics import reference_positions
 
 log = logging.getLogger(__name__)
 
-#: onnxruntime threads per calibration run: one, so that the observers have the other core
-#: (measured faster than two on three of the four benchmark models).
+#: onnxruntime threads in the calibration pipeline: one, so that the observers have the other core
+#: (measured faster than two on three of the four benchmark models). Two single-thread runs in flight
+#: on different samples were measured no faster in fresh processes, at 50 MB more peak memory.
 CALIBRATION_THREADS: int | None = 1
-#: Calibration runs in flight beside the sample being observed. Two (one per core) were measured no
-#: faster in a fresh process on SqueezeNet and the orientation model (the two cores share one
-#: physical core's execution units here) and cost 50 MB more peak memory: a second arena.
-CALIBRATION_WORKERS = 1
-#: Largest size of the observed tensors of all samples in flight (the runs and the one being
-#: observed): fewer runs are kept in flight when they would not fit (:func:`pipeline_depth`).
-PIPELINE_BYTES = 512 << 20
+#: Largest size of one sample's observed tensors at which two samples may be in flight.
+PIPELINE_BYTES = 256 << 20
 #: Values kept per captured tensor and sample; per graph output and sample.
 CAPTURE_VALUES = 4096
 OUTPUT_VALUES = 1 << 16
@@ -82,10 +77,9 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     samples = 0
     if not wanted:
         return CalibrationStats({}, sum(1 for _ in feeds))
-    # A pipeline: onnxruntime runs the next CALIBRATION_WORKERS samples (one thread each) while this
-    # thread updates the observers with the oldest finished one, in sample order (so the result does
-    # not depend on timing). Fewer runs are in flight when their tensors would exceed PIPELINE_BYTES,
-    # down to one sample at a time on every core.
+    # A two-stage pipeline: onnxruntime (one thread) runs sample i + 1 while this thread updates the
+    # observers with sample i, so two samples' tensors are alive at once. When one sample's tensors
+    # exceed PIPELINE_BYTES the pass runs one sample at a time instead.
     sessions = [make_session(model, outputs=wanted, threads=CALIBRATION_THREADS,
                              log_errors_as="float model for calibration")]
     observe_only = list(observe)
@@ -103,21 +97,25 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
         _consume(values, observers, nonfinite, references=references, captured=capture, outputs=graph_outputs,
                  capture=len(references) < capture_samples)
 
-    depth = CALIBRATION_WORKERS  # runs in flight beside the sample being observed
-    with ThreadPoolExecutor(max_workers=CALIBRATION_WORKERS, thread_name_prefix="qnnlib-calibrate") as pool:
-        pending: deque[Future[dict[str, np.ndarray]]] = deque()
+    pipelined = True
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qnnlib-calibrate") as pool:
+        pending: Future[dict[str, np.ndarray]] | None = None
         for feed in feeds:
-            pending.append(pool.submit(run, samples, feed))
+            upcoming = pool.submit(run, samples, feed)
             samples += 1
+            if pending is not None:
+                consume(pending.result())
+            pending = upcoming
             if samples == 1:
-                depth = pipeline_depth(sum(np.asarray(v).nbytes for v in pending[0].result().values()))
-                if not depth:  # one sample at a time: give onnxruntime every core
+                pipelined = sum(np.asarray(v).nbytes for v in pending.result().values()) <= PIPELINE_BYTES
+                if not pipelined:  # one sample at a time: give onnxruntime every core
                     sessions.clear()  # one session alive at a time: each holds the model's weights
                     sessions.append(make_session(model, outputs=wanted, log_errors_as="float model for calibration"))
-            while len(pending) > depth:
-                consume(pending.popleft().result())
-        while pending:
-            consume(pending.popleft().result())
+            if not pipelined:
+                consume(pending.result())
+                pending = None
+        if pending is not None:
+            consume(pending.result())
     for name, count in nonfinite.items():
         log.warning("tensor %r held %d NaN/inf values during calibration; they were ignored", name, count)
     everything = dict(observers)
@@ -129,16 +127,6 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
                if low_bit_levels is not None else {})
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes,
                             low_bit)
-
-
-def pipeline_depth(sample_bytes: int) -> int:
-    """Runs to keep in flight when one sample's observed tensors take ``sample_bytes``.
-
-    The most, up to :data:`CALIBRATION_WORKERS`, whose tensors together with the sample being
-    observed fit in :data:`PIPELINE_BYTES`; 0 (one sample at a time) when not even one does.
-    """
-    fitting = PIPELINE_BYTES // max(sample_bytes, 1) - 1
-    return max(0, min(CALIBRATION_WORKERS, fitting))
 
 
 def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int], *,

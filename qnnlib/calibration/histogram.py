@@ -16,18 +16,6 @@ import numpy as np
 MIN_WIDTH = 2.0**-100
 
 
-def outside(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """The values of the flat array ``x`` below ``lo`` or above ``hi``, in their order in ``x``.
-
-    An infinite bound leaves that side out, which saves a comparison pass over ``x``.
-    """
-    if lo == -math.inf:
-        return x[x > hi]
-    if hi == math.inf:
-        return x[x < lo]
-    return x[(x > hi) | (x < lo)]
-
-
 class StreamingHistogram:
     """Counts of values on a zero-anchored power-of-two grid of at most ``2 * bins`` bins."""
 

@@ -12,13 +12,12 @@ functions of ``(counts, centers, min, max, levels)``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from qnnlib.calibration.histogram import StreamingHistogram, outside
+from qnnlib.calibration.histogram import StreamingHistogram
 
 #: Histograms of larger batches count an evenly strided subsample of about this many values, plus
 #: every value beyond the subsample's min and max; see HistogramObserver.update.
@@ -99,8 +98,10 @@ class HistogramObserver(MinMaxObserver):
         sample = np.ascontiguousarray(x[::stride])
         s_lo, s_hi = float(sample.min()), float(sample.max())
         self.histogram.update(sample, lo, hi, weight=float(stride))
-        if hi > s_hi or lo < s_lo:
-            self.histogram.update(outside(x, s_lo if lo < s_lo else -math.inf, s_hi if hi > s_hi else math.inf), lo, hi)
+        if hi > s_hi:
+            self.histogram.update(x[x > s_hi], lo, hi)
+        if lo < s_lo:
+            self.histogram.update(x[x < s_lo], lo, hi)
 
     @property
     def range_(self) -> tuple[float, float]:
