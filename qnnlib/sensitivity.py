@@ -177,8 +177,9 @@ class SensitivityReport:
     def to_text(self) -> str:
         """A readable table, most sensitive group first (at the lowest precision analysed)."""
         data = "generated inputs" if self.generated else "calibration samples"
-        lines = [f"sensitivity ({self.metric}) on {self.samples} {data}; {self.seconds:.1f}s = "
-                 f"{self.float_passes:.1f} float passes",
+        lines = [f"sensitivity ({self.metric}, {HOW.get(self.method, self.method)}) on {self.samples} {data}; "
+                 f"{self.seconds:.1f}s = {self.float_passes:.1f} float passes",
+                 *([ESTIMATE_NOTE] if self.method == "estimate" else []),
                  *[f"  generated {line}" for line in self.generation],
                  "all lowered: " + ", ".join(f"{p} {self.all_lowered[p]:.4g}" for p in self.precisions)]
         rows = self._rows()
@@ -232,6 +233,11 @@ class SimulatedSession:
 
 #: How :func:`analyze_sensitivity` can measure: see the module docstring.
 METHODS = ("estimate", "measure")
+#: What each method's numbers are, as the report's text says it.
+HOW = {"estimate": "estimated", "measure": "measured"}
+#: The report text's line on how estimates are made and how to get exact numbers.
+ESTIMATE_NOTE = ("  estimated: local errors times one gain per group, measured at int8 (least reliable at int4); "
+                 "method='measure' runs every configuration")
 #: Samples each group's gain is measured on (``method="estimate"``): the first, on which its local
 #: error is also taken, so that the gain compares like with like.
 GAIN_SAMPLES = 1

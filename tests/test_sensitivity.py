@@ -76,6 +76,7 @@ def test_one_simulation_serves_every_configuration(monkeypatch: pytest.MonkeyPat
     data = json.loads(report.to_json())
     assert data["precisions"] == ["int4", "int8", "int16"] and len(data["groups"]) == len(report.groups)
     assert "int16 all but" in report.to_text() and "<table>" in report._repr_html_()
+    assert report.to_text().startswith("sensitivity (sqnr, measured)") and "estimated:" not in report.to_text()
 
 
 def test_eval_fn_gets_a_session_on_the_configuration() -> None:
@@ -99,6 +100,7 @@ def test_eval_fn_gets_a_session_on_the_configuration() -> None:
 def test_generated_inputs_are_reported() -> None:
     report = qnnlib.analyze_sensitivity(builders.mlp(), None, precisions=("int8",), samples=2)
     assert report.generated and "generated inputs" in report.to_text()
+    assert report.to_text().startswith("sensitivity (sqnr, estimated)") and "method='measure'" in report.to_text()
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"precisions": ("int3",)}, "precisions must be"),
