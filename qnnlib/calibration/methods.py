@@ -247,18 +247,27 @@ def quantization_error(counts: np.ndarray, centers: np.ndarray, lo: np.ndarray, 
     """
     lo = np.asarray(lo, np.float64)[:, None]
     hi = np.asarray(hi, np.float64)[:, None]
-    c = centers[None, :]
+    c = np.asarray(centers, np.float64)[None, :]
+    # one (candidates, bins) buffer, updated in place: the low-bit analysis runs this for every tensor
     if symmetric:
         qmax = levels // 2 - 1
         scale = np.maximum(hi / qmax, 1e-30)
-        q = np.clip(np.rint(c / scale), -qmax, qmax)
-        deq = q * scale
+        t = np.divide(c, scale)
+        np.rint(t, out=t)
+        np.clip(t, -qmax, qmax, out=t)
     else:
         scale = np.maximum((hi - lo) / (levels - 1), 1e-30)
         zero = np.rint(-lo / scale)
-        q = np.clip(np.rint(c / scale) + zero, 0, levels - 1)
-        deq = (q - zero) * scale
-    return ((c - deq) ** 2 * counts[None, :]).sum(axis=1)
+        t = np.divide(c, scale)
+        np.rint(t, out=t)
+        t += zero
+        np.clip(t, 0, levels - 1, out=t)
+        t -= zero
+    t *= scale
+    t -= c  # deq - c: squares to the same values as c - deq
+    np.square(t, out=t)
+    t *= counts[None, :]
+    return t.sum(axis=1)
 
 
 def mse_range(counts: np.ndarray, centers: np.ndarray, mn: float, mx: float, *, levels: int, symmetric: bool,
