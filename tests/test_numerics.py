@@ -268,6 +268,35 @@ def test_mse_choice_has_least_error_among_candidates() -> None:
     assert chosen < full
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantization_error_is_its_formula_per_candidate(symmetric: bool) -> None:
+    rng = np.random.default_rng(8)
+    centers = (np.arange(-300, 900) + 0.5) * 2.0**-6
+    counts = rng.integers(0, 40, centers.size).astype(np.float64)
+    los, his = -rng.uniform(0.1, 5.0, 12), rng.uniform(0.1, 14.0, 12)
+    for levels in (16, 256):
+        got = quantization_error(counts, centers, los, his, levels=levels, symmetric=symmetric)
+        for k, (lo, hi) in enumerate(zip(los, his, strict=True)):
+            if symmetric:
+                qmax = levels // 2 - 1
+                scale = hi / qmax
+                deq = np.clip(np.rint(centers / scale), -qmax, qmax) * scale
+            else:
+                scale = (hi - lo) / (levels - 1)
+                zero = np.rint(-lo / scale)
+                deq = (np.clip(np.rint(centers / scale) + zero, 0, levels - 1) - zero) * scale
+            assert got[k] == pytest.approx(float(np.sum((centers - deq) ** 2 * counts)), rel=1e-12)
+
+
+def test_channel_error_is_its_formula() -> None:
+    rng = np.random.default_rng(9)
+    rows = (rng.laplace(size=(6, 500)) * np.array([[1e-3], [1], [30], [1], [0.5], [2]])).astype(np.float32)
+    for qmax in (7, 127):
+        scales = (np.abs(rows).max(axis=1) * rng.uniform(0.5, 1.0, 6) / qmax).astype(np.float32)
+        want = np.sum((rows - np.clip(np.rint(rows / scales[:, None]), -qmax, qmax) * scales[:, None]) ** 2, axis=1)
+        assert np.array_equal(affine._channel_error(rows, scales, qmax), want)
+
+
 def test_percentile_range() -> None:
     counts = np.ones(1000)
     centers = np.arange(1000) + 0.5
