@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,9 @@ from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
 from qnnlib.graph.select import Selection, match_excluded, select
-from qnnlib.graph.tying import TiedGroup, tie_groups
+from qnnlib.graph.tying import TiedGroup, narrow_ties, tie_groups
+
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -71,6 +74,17 @@ def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedMode
         check_weights(index, selection)
         groups = tie_groups(selection.activations, selection.ties)
     return PreparedModel(specs, normalized, index, selection, groups)
+
+
+def retie(m: PreparedModel, ranges: Mapping[str, tuple[float, float]]) -> PreparedModel:
+    """``m`` with the narrow Concat inputs untied (:func:`qnnlib.graph.tying.narrow_ties`) once ranges are known."""
+    drop = set(narrow_ties(m.groups, ranges))
+    if not drop:
+        return m
+    for tie in sorted(drop, key=lambda t: (t.node, t.a)):
+        log.info("Concat %r: input %r keeps its own parameters (its range is under 1/16 of the Concat's and "
+                 "another node reads it)", tie.node, tie.a)
+    return replace(m, groups=tie_groups(m.selection.activations, [t for t in m.selection.ties if t not in drop]))
 
 
 def open_feeds(m: PreparedModel, calib: Any, config: QuantConfig, timer: Timer, *, replay: int | None = None,

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qnnlib
 from qnnlib import planner
 from qnnlib.coprocessor import InferenceSession
+from qnnlib.graph import tying
 from tests import builders, fuzz
 from tests.conftest import optimized_op_types, output_errors
 
@@ -198,6 +199,41 @@ def test_a_chain_of_folded_activations_stays_connected() -> None:
     result = qnnlib.quantize(model, case.feeds(8, batch=1, seed=1))
     assert not any(n.op_type == "Relu" for n in result.model.graph.node)
     assert max(relative_errors(case, result).values()) <= BOUND
+
+
+def _softmax_concat_model() -> onnx.ModelProto:
+    """Softmax(x) over 64 values, read by a MatMul and concatenated with x (range about +-3) for another."""
+    rng = np.random.default_rng(0)
+    return _model([helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+                   helper.make_node("Concat", ["p", "x"], ["c"], axis=-1),
+                   helper.make_node("MatMul", ["c", "w1"], ["y1"]),
+                   helper.make_node("MatMul", ["p", "w2"], ["y2"])],
+                  [_const("w1", rng.normal(size=(128, 8))), _const("w2", rng.normal(size=(64, 8)))],
+                  {"x": ["N", 4, 64]}, ["y1", "y2"])
+
+
+def test_a_narrow_concat_input_read_elsewhere_keeps_its_own_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tied to the Concat, the probabilities (about 1/64) sat on x's grid (step about 0.03) and the
+    MatMul reading them directly lost them (error 0.29 of the range in the fuzzed graph)."""
+    model = _softmax_concat_model()
+    case = _case(model)
+    result = qnnlib.quantize(model, case.feeds(8, batch=1, seed=1))
+    assert result.plan.group_of("p") is not result.plan.group_of("c")
+    assert result.plan.group_of("x") is result.plan.group_of("c")  # the wide input stays tied
+    assert optimized_op_types(result.model)["QLinearConcat"] == 1  # a scale per input: still one integer kernel
+    untied = max(relative_errors(case, result).values())
+    monkeypatch.setattr(tying, "NARROW_FRACTION", 0.0)
+    tied = _worst(model)
+    assert untied <= BOUND < tied
+
+
+def test_concat_inputs_read_only_by_the_concat_stay_tied() -> None:
+    """Without another reader nothing is gained: the Concat's output holds the input coarsely either way."""
+    model = _softmax_concat_model()
+    del model.graph.node[3]  # the second MatMul
+    del model.graph.output[1]
+    result = qnnlib.quantize(model, _case(model).feeds(8, batch=1, seed=1))
+    assert result.plan.group_of("p") is result.plan.group_of("c")
 
 
 # -- determinism --------------------------------------------------------------------------------

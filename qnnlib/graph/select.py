@@ -46,7 +46,9 @@ class Tie:
 
     ``covered`` is the one of the two whose values need not be observed: a pass-through op's output
     (its values come from the input), a Concat input (its values are part of the output), or the
-    input of a folded activation (the range wanted is the activation's output).
+    input of a folded activation (the range wanted is the activation's output). A Concat input that
+    another node also reads is covered by neither (``covered == ""``): it is observed on its own, and
+    if its range is narrow next to its group's the tie is dropped (:func:`qnnlib.graph.tying.narrow_ties`).
     """
 
     a: str
@@ -152,8 +154,13 @@ class _Region:
         self.weights.extend(slots)
         self.quantised.update(dict.fromkeys(act_inputs + outputs))
         if rule.kind is Kind.TIE_ALL:
-            self.ties.extend(Tie(t, outputs[0], node.name, node.op_type, covered=t) for t in act_inputs)
+            self.ties.extend(Tie(t, outputs[0], node.name, node.op_type,
+                                 covered="" if self.read_elsewhere(t, node) else t) for t in act_inputs)
         return ""
+
+    def read_elsewhere(self, tensor: str, node: onnx.NodeProto) -> bool:
+        """Whether a node other than ``node`` reads ``tensor``, or it is a graph output."""
+        return self.index.is_graph_output(tensor) or any(c.name != node.name for c in self.index.consumers(tensor))
 
     def can_grow(self, node: onnx.NodeProto, rule: OpRule) -> bool:
         """Whether a PASS_THROUGH or FOLDABLE_ACTIVATION node joins the quantised region now."""

@@ -3,11 +3,17 @@
 A union-find over the quantised activation tensors, driven only by the ties that the rules
 table produced (:mod:`qnnlib.graph.select`). A group's range covers all of its members, so a
 producer takes the parameters its tied consumer needs and no requantisation is left between them.
+
+One exception is decided by calibrated ranges (:func:`narrow_ties`): a Concat input that other
+nodes also read, and whose range spans at most :data:`NARROW_FRACTION` of its group's, keeps its own
+parameters. Tied, it would hold at most 16 of the group's 256 levels for those other readers (a
+Softmax output concatenated with wide features lost all but 7 dB); untied, the Concat requantises
+it (QLinearConcat takes a scale per input) and only the Concat's output holds it coarsely.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from qnnlib.graph.select import Tie
@@ -69,3 +75,31 @@ def tie_groups(activations: Sequence[str], ties: Sequence[Tie]) -> tuple[TiedGro
         TiedGroup(i, tuple(members), tuple(ties_by_root.get(root, ())))
         for i, (root, members) in enumerate(by_root.items())
     )
+
+
+#: A Concat input read elsewhere is untied when its range spans at most this fraction of its group's.
+NARROW_FRACTION = 1.0 / 16
+
+
+def _span(lo: float, hi: float) -> float:
+    """The width of the grid a range needs: it always includes zero."""
+    return max(hi, 0.0) - min(lo, 0.0)
+
+
+def narrow_ties(groups: Sequence[TiedGroup], ranges: Mapping[str, tuple[float, float]]) -> tuple[Tie, ...]:
+    """The Concat ties to drop (see the module docstring).
+
+    A tie is dropped when its input was observed on its own (``covered == ""``) and its range
+    ``[min(lo, 0), max(hi, 0)]`` is at most :data:`NARROW_FRACTION` as wide as the union of the
+    group's observed ranges.
+    """
+    drop: list[Tie] = []
+    for group in groups:
+        known = [ranges[m] for m in group.members if m in ranges and ranges[m][0] <= ranges[m][1]]
+        if not known:
+            continue
+        width = _span(min(lo for lo, _ in known), max(hi for _, hi in known))
+        drop.extend(tie for tie in group.ties
+                    if tie.op_type == "Concat" and not tie.covered and tie.a in ranges
+                    and _span(*ranges[tie.a]) <= NARROW_FRACTION * width)
+    return tuple(drop)
