@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from onnx import TensorProto, helper, numpy_helper
@@ -221,6 +222,10 @@ def test_a_narrow_concat_input_read_elsewhere_keeps_its_own_grid(monkeypatch: py
     assert result.plan.group_of("p") is not result.plan.group_of("c")
     assert result.plan.group_of("x") is result.plan.group_of("c")  # the wide input stays tied
     assert optimized_op_types(result.model)["QLinearConcat"] == 1  # a scale per input: still one integer kernel
+    integer = ort.InferenceSession(result.integer_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = case.feeds(1, batch=1, seed=2)[0]
+    assert all(np.array_equal(a, b) for a, b in zip(result.session().run(None, feed), integer.run(None, feed),
+                                                     strict=True))
     untied = max(relative_errors(case, result).values())
     monkeypatch.setattr(tying, "NARROW_FRACTION", 0.0)
     tied = _worst(model)
