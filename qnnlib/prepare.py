@@ -81,10 +81,13 @@ def retie(m: PreparedModel, ranges: Mapping[str, tuple[float, float]]) -> Prepar
     drop = set(narrow_ties(m.groups, ranges))
     if not drop:
         return m
+    groups = tie_groups(m.selection.activations, [t for t in m.selection.ties if t not in drop])
+    group_of = {member: g.id for g in groups for member in g.members}
     for tie in sorted(drop, key=lambda t: (t.node, t.a)):
-        log.info("Concat %r: input %r keeps its own parameters (its range is under 1/16 of the Concat's and "
-                 "another node reads it)", tie.node, tie.a)
-    return replace(m, groups=tie_groups(m.selection.activations, [t for t in m.selection.ties if t not in drop]))
+        if group_of[tie.a] != group_of[tie.b]:  # another path may still tie them
+            log.info("Concat %r: input %r keeps its own parameters (its range is under 1/16 of the Concat's "
+                     "and another node reads it)", tie.node, tie.a)
+    return replace(m, groups=groups)
 
 
 def open_feeds(m: PreparedModel, calib: Any, config: QuantConfig, timer: Timer, *, replay: int | None = None,

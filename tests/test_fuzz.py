@@ -213,12 +213,15 @@ def _softmax_concat_model() -> onnx.ModelProto:
                   {"x": ["N", 4, 64]}, ["y1", "y2"])
 
 
-def test_a_narrow_concat_input_read_elsewhere_keeps_its_own_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_narrow_concat_input_read_elsewhere_keeps_its_own_grid(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Tied to the Concat, the probabilities (about 1/64) sat on x's grid (step about 0.03) and the
     MatMul reading them directly lost them (error 0.29 of the range in the fuzzed graph)."""
     model = _softmax_concat_model()
     case = _case(model)
-    result = qnnlib.quantize(model, case.feeds(8, batch=1, seed=1))
+    with caplog.at_level("INFO", logger="qnnlib.prepare"):
+        result = qnnlib.quantize(model, case.feeds(8, batch=1, seed=1))
+    assert "input 'p' keeps its own parameters" in caplog.text
     assert result.plan.group_of("p") is not result.plan.group_of("c")
     assert result.plan.group_of("x") is result.plan.group_of("c")  # the wide input stays tied
     assert optimized_op_types(result.model)["QLinearConcat"] == 1  # a scale per input: still one integer kernel
