@@ -16,7 +16,7 @@ from qnnlib.graph.model_io import make_session
 from qnnlib.mixed import plan_with_precisions
 from qnnlib.plan import LayerPlan, QuantPlan
 from qnnlib.planner import build_plan
-from qnnlib.prepare import PreparedModel, Timer, prepare
+from qnnlib.prepare import PreparedModel, Timer, prepare, retie
 from qnnlib.threshold import output_metric
 from tests import builders
 
@@ -69,6 +69,25 @@ def test_int4_maxpool_loads_under_default_optimisation(planned) -> None:  # type
     plain = make_session(model, optimization="disable")
     for f in calib[:2]:
         np.testing.assert_allclose(fast.run(None, f)[0], plain.run(None, f)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_int4_concat_with_an_untied_input_quantises_its_output() -> None:
+    """A Concat whose narrow input keeps its own grid (retie) writes off the group's 4-bit grid: Q/DQ stays."""
+    from tests.test_fuzz import _case, _softmax_concat_model
+
+    model = _softmax_concat_model()
+    calib = _case(model).feeds(8, batch=1, seed=1)
+    m = prepare(model, CONFIG, Timer())
+    with FeedSource(calib, m.specs) as feeds:
+        stats = collect(m.float_model, m.selection.observed(m.index), feeds, CONFIG.calibration, levels=256,
+                        symmetric=False, low_bit_levels=16)
+    m = retie(m, stats.ranges)
+    base = build_plan(m.index, m.selection, m.groups, stats.ranges, CONFIG)
+    assert base.group_of("p") is not base.group_of("c")
+    plan = plan_with_precisions(m, base, stats, CONFIG, {base.group_of("c").id: "int4"})  # type: ignore[union-attr]
+    model = emit_qdq(m.float_model, plan).model
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "c" for n in model.graph.node)
+    assert 5 < _sqnr(m, model, calib) < 40
 
 
 def test_a_mixed_model_measures_what_the_analysis_says(planned) -> None:  # type: ignore[no-untyped-def]

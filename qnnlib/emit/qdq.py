@@ -153,18 +153,21 @@ def _drop_activations(model: onnx.ModelProto, dropped: tuple[str, ...]) -> None:
 
 
 def _narrow_copy(index: GraphIndex, plan: QuantPlan, tensor: str) -> bool:
-    """Whether ``tensor`` is a 4-bit member written from another member of its group (MaxPool, Concat, Reshape).
+    """Whether ``tensor`` is a 4-bit member written only from members of its group (MaxPool, Concat, Reshape).
 
     Its values already lie on the group's grid, so it needs no Q/DQ of its own; and onnxruntime
     1.31 rejects the graph its optimiser makes of ``DQ -> MaxPool -> Q`` at 4 bits (a MaxPool on
-    uint4), so none is written. At 8 bits the pair stays: it keeps such ops on integer data.
+    uint4), so none is written. At 8 bits the pair stays: it keeps such ops on integer data. A
+    Concat with an input of another group (a narrow input untied by :func:`qnnlib.prepare.retie`)
+    requantises it, so its output keeps its Q/DQ.
     """
     group = plan.group_of(tensor)
     producer = index.producer(tensor)
     if group is None or producer is None or precision_name(group.params.qtype) != "int4":
         return False
     members = set(group.members)
-    return not index.is_graph_output(tensor) and any(t in members for t in producer.input)
+    quantised = [t for t in producer.input if t and plan.group_of(t) is not None]
+    return not index.is_graph_output(tensor) and bool(quantised) and all(t in members for t in quantised)
 
 
 def _is_wide(plan: QuantPlan, tensor: str) -> bool:
