@@ -5,8 +5,10 @@ dimension ``N``, built step by step from a pool of tensors whose shapes are trac
 drawn node is valid. Ops: Conv (groups, depthwise, strides, dilations, padding, with and without
 bias), MatMul (constant weights, and between two activations as in attention), Gemm, Add and Mul
 (residuals between two branches, or a broadcast constant), Concat, MaxPool, AveragePool,
-GlobalAveragePool, Reshape, Flatten, Transpose, Slice, Split, Resize, Relu, Clip, Sigmoid and
-Softmax. A tensor may be read by several nodes (fan-out); every tensor nobody reads is an output.
+GlobalAveragePool, GlobalMaxPool, Reshape, Flatten, Transpose, Slice, Split, Resize, Pad (zeros),
+DepthToSpace, SpaceToDepth, Gather (constant indices), Unsqueeze then Squeeze, Identity, Relu,
+Clip, LeakyRelu, Sigmoid and Softmax; and Tanh and HardSigmoid, which qnnlib leaves float. A
+tensor may be read by several nodes (fan-out); every tensor nobody reads is an output.
 Weights have magnitudes uniform in ``[0.5, 1.5] / sqrt(fan_in)`` and random signs, drawn by a numpy
 generator seeded from the draw, so a failing case shrinks and replays.
 
@@ -109,19 +111,21 @@ def _conv(g: _Graph, x: _Tensor, draw: Draw) -> None:
 
 def _pool(g: _Graph, x: _Tensor, draw: Draw) -> None:
     c, h, w = x.shape
-    op = draw(st.sampled_from(["MaxPool", "AveragePool", "GlobalAveragePool"]))
-    if op == "GlobalAveragePool":
+    op = draw(st.sampled_from(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]))
+    if op in ("GlobalAveragePool", "GlobalMaxPool"):
         g.node(op, [x.name], [(c, 1, 1)])
     elif min(h, w) >= 2:
         g.node(op, [x.name], [(c, (h - 2) // 2 + 1, (w - 2) // 2 + 1)], kernel_shape=[2, 2], strides=[2, 2])
 
 
 def _activation(g: _Graph, x: _Tensor, draw: Draw) -> None:
-    op = draw(st.sampled_from(["Relu", "Clip", "Sigmoid", "Softmax"]))
+    op = draw(st.sampled_from(["Relu", "Clip", "Sigmoid", "Softmax", "LeakyRelu", "Tanh", "HardSigmoid"]))
     if op == "Clip":
         g.node(op, [x.name, g.const(np.float32(0.0)), g.const(np.float32(6.0))], [x.shape])
     elif op == "Softmax":
         g.node(op, [x.name], [x.shape], axis=-1)
+    elif op == "LeakyRelu":
+        g.node(op, [x.name], [x.shape], alpha=0.1)
     else:
         g.node(op, [x.name], [x.shape])
 
@@ -195,6 +199,35 @@ def _resize(g: _Graph, x: _Tensor, draw: Draw) -> None:
     g.node("Resize", [x.name, "", scales], [(c, 2 * h, 2 * w)], mode=mode)
 
 
+def _pad(g: _Graph, x: _Tensor, draw: Draw) -> None:
+    c, h, w = x.shape
+    top, left = draw(st.integers(0, 1)), draw(st.integers(0, 1))  # under a 2-wide pool: onnxruntime fuses Pad into it
+    pads = g.const(np.array([0, 0, top, left, 0, 0, 1, 0], np.int64))
+    g.node("Pad", [x.name, pads], [(c, h + top + 1, w + left)], mode="constant")
+
+
+def _depth(g: _Graph, x: _Tensor, draw: Draw) -> None:
+    c, h, w = x.shape
+    if c % 4 == 0 and draw(st.booleans()):
+        g.node("DepthToSpace", [x.name], [(c // 4, 2 * h, 2 * w)], blocksize=2, mode="DCR")
+    elif h % 2 == 0 and w % 2 == 0:
+        g.node("SpaceToDepth", [x.name], [(4 * c, h // 2, w // 2)], blocksize=2)
+
+
+def _move(g: _Graph, x: _Tensor, draw: Draw) -> None:
+    """Ops that only move values: Gather of constant indices along the channels, Unsqueeze then Squeeze, Identity."""
+    op = draw(st.sampled_from(["Gather", "Unsqueeze", "Identity"]))
+    if op == "Gather":
+        picks = draw(st.lists(st.integers(0, x.shape[0] - 1), min_size=1, max_size=4))
+        g.node(op, [x.name, g.const(np.array(picks, np.int64))], [(len(picks), *x.shape[1:])], axis=1)
+    elif op == "Unsqueeze":
+        wide = g.node(op, [x.name, g.const(np.array([1], np.int64))], [(1, *x.shape)])[0]
+        g.pool.remove(wide)  # rank 4 has no steps: squeeze it straight back
+        g.node("Squeeze", [wide.name, g.const(np.array([1], np.int64))], [x.shape])
+    else:
+        g.node(op, [x.name], [x.shape])
+
+
 def _matmul(g: _Graph, x: _Tensor, draw: Draw) -> None:
     f = x.shape[-1]
     partners = [t for t in g.pool if len(x.shape) == 2 and t.shape == x.shape and t.name != x.name]
@@ -216,8 +249,8 @@ def _matmul(g: _Graph, x: _Tensor, draw: Draw) -> None:
 #: Steps by the rank of the tensor they read (batch excluded): 3 = NCHW, 2 = NTF, 1 = NF.
 STEPS: dict[int, tuple[Callable[[_Graph, _Tensor, Draw], None], ...]] = {
     3: (_conv, _conv, _conv, _pool, _activation, _binary, _concat, _transpose, _reshape, _reshape, _slice,
-        _split, _resize),
-    2: (_matmul, _matmul, _matmul, _activation, _binary, _concat, _transpose, _reshape, _slice),
+        _split, _resize, _pad, _depth, _move),
+    2: (_matmul, _matmul, _matmul, _activation, _binary, _concat, _transpose, _reshape, _slice, _move),
     1: (_matmul, _matmul, _matmul, _activation, _binary, _concat, _reshape),
 }
 
