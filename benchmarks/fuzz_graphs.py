@@ -72,12 +72,12 @@ def run(count: int, rng_seed: int, save: Path | None) -> dict[str, Any]:
             outcomes["passed"] += 1
             return
         try:
-            failing = beyond_the_grid(case, errors)
+            failing = beyond_the_grid(case, result, errors)
         except Exception:  # onnxruntime's quantiser failing on the graph: no peer to compare with
-            failing = {"?": (value, float("nan"))}
+            failing = {"?": (value, float("nan"), float("nan"))}
         name = max(errors, key=errors.__getitem__)
         if failing:
-            record("over bound", case, f"{name}: {value:.3f}; (qnnlib, onnxruntime) {failing}")
+            record("over bound", case, f"{name}: {value:.3f}; (qnnlib, float Q/DQ, onnxruntime) {failing}")
         else:  # onnxruntime's quantiser does as badly: the 8-bit grid's limit, not a fault
             record("grid limit", case, f"{name}: {value:.3f}")
 
