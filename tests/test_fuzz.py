@@ -40,7 +40,8 @@ from tests.conftest import optimized_op_types, output_errors
 
 #: Largest error at an output as a share of its float range (including zero).
 BOUND = 0.1
-#: An output over the bound passes when its error is at most this many times onnxruntime's.
+#: An output over the bound passes when its error is at most this many times both its error with
+#: float Q/DQ and the error of onnxruntime's quantiser (:func:`beyond_the_grid`).
 PEER_MARGIN = 1.25
 EXAMPLES = int(os.environ.get("QNNLIB_FUZZ_EXAMPLES", "200"))
 
@@ -302,6 +303,23 @@ def test_concat_inputs_read_only_by_the_concat_stay_tied() -> None:
     del model.graph.output[1]
     result = qnnlib.quantize(model, _case(model).feeds(8, batch=1, seed=1))
     assert result.plan.group_of("p") is result.plan.group_of("c")
+
+
+def test_the_grid_limit_check_still_fails_known_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saturation (onnxruntime's quantiser shares it; float Q/DQ does not) and the tied narrow Concat input
+    (float Q/DQ shares it; onnxruntime's quantiser does not) both fail the check; the fixed models pass."""
+    w = np.full((8, 3, 3, 3), 1.0, np.float32) / np.sqrt(27)
+    saturating = _model([helper.make_node("Add", ["x", "half"], ["a"]), helper.make_node("Conv", ["a", "w"], ["y"])],
+                        [_const("w", w), _const("half", np.float32(0.5))], {"x": ["N", 3, 6, 6]}, ["y"])
+    concat = _softmax_concat_model()
+    for model, fault in ((saturating, {"overflow_fix": "disable"}), (concat, {})):
+        case = _case(model)
+        fixed = qnnlib.quantize(model, case.feeds(8, batch=1, seed=1))
+        assert not beyond_the_grid(case, fixed, relative_errors(case, fixed))
+        with monkeypatch.context() as patch:
+            patch.setattr(tying, "NARROW_FRACTION", 0.0)
+            faulty = qnnlib.quantize(model, case.feeds(8, batch=1, seed=1), config=qnnlib.QuantConfig(**fault))
+        assert beyond_the_grid(case, faulty, relative_errors(case, faulty))
 
 
 # -- determinism --------------------------------------------------------------------------------
