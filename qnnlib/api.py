@@ -37,7 +37,7 @@ from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
 from qnnlib.precision import extent, group_params, widened
-from qnnlib.prepare import PreparedModel, Timer, open_feeds, prepare, retie
+from qnnlib.prepare import PreparedModel, Timer, calibrated_plan, open_feeds, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
 from qnnlib.sensitivity import DEFAULT_SAMPLES as SENSITIVITY_SAMPLES
@@ -82,7 +82,7 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
                             constants=m.selection.constants(m.index)
                             if config.threshold is not None or config.mixed else None)
         with timer("plan"):
-            m, plan = _first_plan(m, stats.ranges, config)
+            m, plan = calibrated_plan(m, stats.ranges, config)
         with timer("emit"):
             emitted = emit_qdq(m.float_model, plan)
         ranges: dict[int, RangeChoice] = {}
@@ -159,13 +159,6 @@ def _optimize(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, sample
     plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices,
                       bias_corrections=corrections)
     return plan, ranges, corrections
-
-
-def _first_plan(m: PreparedModel, ranges: Mapping[str, tuple[float, float]],
-                config: QuantConfig) -> tuple[PreparedModel, QuantPlan]:
-    """The calibrated plan, after the ranges have untied narrow Concat inputs (:func:`retie`)."""
-    m = retie(m, ranges)
-    return m, build_plan(m.index, m.selection, m.groups, ranges, config)
 
 
 def _validation(given: FeedSource | None, feeds: FeedSource) -> tuple[list[Feed], str]:

@@ -22,6 +22,8 @@ from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
 from qnnlib.graph.select import Selection, match_excluded, select
 from qnnlib.graph.tying import TiedGroup, narrow_ties, tie_groups
+from qnnlib.plan import QuantPlan
+from qnnlib.planner import build_plan
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,13 @@ def retie(m: PreparedModel, ranges: Mapping[str, tuple[float, float]]) -> Prepar
             log.info("Concat %r: input %r keeps its own parameters (its range is under 1/16 of the Concat's "
                      "and another node reads it)", tie.node, tie.a)
     return replace(m, groups=groups)
+
+
+def calibrated_plan(m: PreparedModel, ranges: Mapping[str, tuple[float, float]],
+                    config: QuantConfig) -> tuple[PreparedModel, QuantPlan]:
+    """``m`` re-tied by the calibrated ``ranges`` (:func:`retie`) and its plan: what every entry point plans first."""
+    m = retie(m, ranges)
+    return m, build_plan(m.index, m.selection, m.groups, ranges, config)
 
 
 def open_feeds(m: PreparedModel, calib: Any, config: QuantConfig, timer: Timer, *, replay: int | None = None,

@@ -56,9 +56,8 @@ from qnnlib.local_error import build_perturbation, build_probe
 from qnnlib.numerics.qtypes import qtype
 from qnnlib.optimize.error import output_error, region_outputs, signal_powers
 from qnnlib.plan import ActivationParams, QuantPlan
-from qnnlib.planner import build_plan
 from qnnlib.precision import BITS, fake_quantize_weight, group_params, owned_weights, weight_scales_at
-from qnnlib.prepare import PreparedModel, Timer, open_feeds, prepare, retie
+from qnnlib.prepare import PreparedModel, Timer, calibrated_plan, open_feeds, prepare
 from qnnlib.progress import Progress
 from qnnlib.threshold import LOWER_IS_BETTER, output_metric
 
@@ -273,8 +272,7 @@ def analyze_sensitivity(model: ModelLike, calib: Any = None, *, config: QuantCon
         stats = collect(m.float_model, m.selection.observed(m.index), feeds, config.calibration,
                         levels=qtype(config.activation_type).levels, symmetric=config.activation_symmetric,
                         low_bit_levels=LOW_BIT_LEVELS, constants=m.selection.constants(m.index))
-        m = retie(m, stats.ranges)
-        plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config)
+        m, plan = calibrated_plan(m, stats.ranges, config)
         chosen = list(feeds.take(samples))
         generation = feeds.generation
     return analyse_plan(m, plan, stats, chosen, config=config, precisions=precisions, method=method,

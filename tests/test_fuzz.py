@@ -36,7 +36,7 @@ from qnnlib import planner
 from qnnlib.coprocessor import InferenceSession
 from qnnlib.graph import tying
 from tests import builders, fuzz
-from tests.conftest import optimized_op_types, output_errors
+from tests.conftest import optimized_op_types, output_errors, session
 
 #: Largest error at an output as a share of its float range (including zero).
 BOUND = 0.1
@@ -80,10 +80,8 @@ def peer_errors(case: fuzz.FuzzCase) -> dict[str, float]:
 
 def simulated_errors(case: fuzz.FuzzCase, result: qnnlib.QuantResult) -> dict[str, float]:
     """:func:`relative_errors` of qnnlib's model run as written, its Q/DQ in float (no integer kernel)."""
-    plain = ort.SessionOptions()
-    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(result.model.SerializeToString(), plain, providers=["CPUExecutionProvider"])
-    return output_errors(case.model, session, _batch(case))
+    plain = session(result.model, graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return output_errors(case.model, plain, _batch(case))
 
 
 def beyond_the_grid(case: fuzz.FuzzCase, result: qnnlib.QuantResult,

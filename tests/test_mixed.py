@@ -16,7 +16,7 @@ from qnnlib.graph.model_io import make_session
 from qnnlib.mixed import plan_with_precisions
 from qnnlib.plan import LayerPlan, QuantPlan
 from qnnlib.planner import build_plan
-from qnnlib.prepare import PreparedModel, Timer, prepare, retie
+from qnnlib.prepare import PreparedModel, Timer, calibrated_plan, prepare
 from qnnlib.threshold import output_metric
 from tests import builders
 
@@ -81,8 +81,7 @@ def test_int4_concat_with_an_untied_input_quantises_its_output() -> None:
     with FeedSource(calib, m.specs) as feeds:
         stats = collect(m.float_model, m.selection.observed(m.index), feeds, CONFIG.calibration, levels=256,
                         symmetric=False, low_bit_levels=16)
-    m = retie(m, stats.ranges)
-    base = build_plan(m.index, m.selection, m.groups, stats.ranges, CONFIG)
+    m, base = calibrated_plan(m, stats.ranges, CONFIG)
     assert base.group_of("p") is not base.group_of("c")
     plan = plan_with_precisions(m, base, stats, CONFIG, {base.group_of("c").id: "int4"})  # type: ignore[union-attr]
     model = emit_qdq(m.float_model, plan).model
