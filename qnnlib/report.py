@@ -35,6 +35,11 @@ class LayerReport:
     error_before_db: float | None = None
     error_after_db: float | None = None
     raised: str = ""
+    #: Where the measured error comes from (:mod:`qnnlib.diagnosis`): per source, its SQNR in dB.
+    error_sources: dict[str, float] = field(default_factory=dict)
+    #: The dominant source (or ``"amplification"``) and a sentence on it with what to change.
+    cause: str = ""
+    explanation: str = ""
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,29 @@ class Report:
                 return layer
         raise KeyError(f"no node {node!r} in the report")
 
+    def explain(self, node: str) -> str:
+        """Why ``node`` loses accuracy: its SQNR, each error source in dB, the cause and what to change."""
+        layer = self.layer(node)
+        if layer.sqnr_db is None:
+            return f"{node}: not measured ({layer.precision}{'; ' + layer.note if layer.note else ''})"
+        sources = ", ".join(f"{k} {_db(v)}" for k, v in layer.error_sources.items()) or "none measurable"
+        return (f"{node} ({layer.op_type}, {layer.precision}): {_db(layer.sqnr_db)} at {layer.output!r}; "
+                f"sources: {sources}\n  {layer.explanation}")
+
+    def growing_layers(self, n: int = 5) -> tuple[LayerReport, ...]:
+        """The ``n`` diagnosed layers that add the most error: measured minus inherited relative error.
+
+        A layer's relative error is ``10^(-SQNR/10)`` at its output, and what it inherits the same at
+        its worst input (:mod:`qnnlib.diagnosis`); layers adding nothing are left out.
+        """
+        def added(layer: LayerReport) -> float:
+            assert layer.sqnr_db is not None
+            inherited = layer.error_sources.get("inputs", math.inf)
+            return 10 ** (-layer.sqnr_db / 10) - (0.0 if math.isinf(inherited) else 10 ** (-inherited / 10))
+
+        diagnosed = [x for x in self.layers if x.cause and x.sqnr_db is not None and added(x) > 0]
+        return tuple(sorted(diagnosed, key=added, reverse=True)[:n])
+
     def worst_layers(self, n: int = 5) -> tuple[LayerReport, ...]:
         """The ``n`` quantised layers with the lowest output SQNR."""
         measured = [x for x in self.quantized_layers if x.sqnr_db is not None]
@@ -284,6 +312,11 @@ class Report:
         worst = self.worst_layers(3)
         if worst:
             lines.append("lowest-SQNR layers: " + ", ".join(f"{w.node} ({_db(w.sqnr_db)})" for w in worst))
+        growing = self.growing_layers(3)
+        if growing:
+            lines.append("where the error grows most (report.explain(node) for any layer):")
+            lines += [f"  {g.node}: {_db(g.error_sources.get('inputs', math.inf))} in, {_db(g.sqnr_db)} out; "
+                      f"{g.explanation}" for g in growing]
         lines.append("")
         header = f"{'node':<32} {'op':<18} {'prec':<6} {'scale':>10} {'zp':>4} {'group':>5} {'SQNR dB':>8}"
         lines.append(header)
@@ -314,7 +347,8 @@ class Report:
             f"<td>{'' if x.scale is None else f'{x.scale:.4g}'}</td>"
             f"<td>{'' if x.zero_point is None else x.zero_point}</td>"
             f"<td>{'' if x.group is None else x.group}</td>"
-            f"<td>{'' if x.sqnr_db is None else _db(x.sqnr_db)}</td><td>{esc(x.note)}</td></tr>"
+            f"<td>{'' if x.sqnr_db is None else _db(x.sqnr_db)}</td><td>{esc(x.note)}</td>"
+            f"<td title=\"{esc(x.explanation)}\">{esc(x.cause)}</td></tr>"
             for x in self.layers
         )
         outs = "".join(
@@ -326,7 +360,7 @@ class Report:
             f"nodes quantised; calibration {esc(self.calibration.method)} on {self.calibration.samples} "
             f"samples{gen}; {len(self.groups)} tied groups, {self.requantizations_avoided} requantisations "
             f"avoided.</p><ul>{outs}</ul><table><thead><tr><th>node</th><th>op</th><th>precision</th>"
-            f"<th>scale</th><th>zero point</th><th>group</th><th>SQNR dB</th><th>note</th></tr></thead>"
+            f"<th>scale</th><th>zero point</th><th>group</th><th>SQNR dB</th><th>note</th><th>cause</th></tr></thead>"
             f"<tbody>{rows}</tbody></table></div>"
         )
 

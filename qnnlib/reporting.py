@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import onnx
 
 from qnnlib.calibration.collect import CalibrationStats
 from qnnlib.config import QuantConfig
+from qnnlib.diagnosis import Diagnosis, LayerEvidence, TensorError, db, diagnose, tensor_error, values_error
 from qnnlib.evaluate import Fidelity
 from qnnlib.fusion import COMPUTE_OPS, FusionSummary
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.select import Selection
+from qnnlib.numerics.affine import weight_error
+from qnnlib.numerics.qtypes import QTYPES
 from qnnlib.optimize.mixed_search import CurvePoint, MixedOutcome
 from qnnlib.optimize.raising import Outcome
 from qnnlib.optimize.ranges import RangeChoice
 from qnnlib.plan import LayerPlan, QuantPlan
+from qnnlib.precision import extent
 from qnnlib.report import (
     CalibrationReport,
     CurvePointReport,
@@ -148,6 +153,8 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
     layer_plans = {layer.node: layer for layer in plan.layers}
     chosen_by = p.threshold if p.threshold is not None else (p.mixed.outcome if p.mixed is not None else None)
     layers = []
+    evidence = _Evidence(p)
+    diagnosed: dict[str, tuple[str, Diagnosis]] = {}  # measured tensor -> (layer, its diagnosis)
     for node in index.nodes:
         lp = layer_plans.get(node.name)
         if lp is None:
@@ -158,16 +165,131 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
         group = plan.group_of(out) if out else None
         search = p.ranges.get(group.id) if group is not None else None
         why = _why_raised(lp, plan, chosen_by) if chosen_by is not None else ""
+        sqnr = _sqnr(p.fidelity, out)
+        folded = node.name in folded_into  # measured, and diagnosed, as part of the layer it was folded into
+        diagnosis = evidence.diagnose(lp, out, sqnr) if sqnr is not None and not folded else None
+        if diagnosis is not None:
+            diagnosed[out] = (node.name, diagnosis)
         layers.append(LayerReport(
             node.name, node.op_type, lp.precision, out,
             group.params.scale if group else None, group.params.zero_point if group else None,
-            group.id if group else None, _sqnr(p.fidelity, out), note,
+            group.id if group else None, sqnr, note,
             range=tuple(group.params.range) if group else None,  # type: ignore[arg-type]
             error_before_db=_db(search.before) if search else None,
             error_after_db=_db(search.after) if search else None,
             raised=why,
+            error_sources={k: round(db(v), 2) for k, v in diagnosis.sources.items() if v > 0} if diagnosis else {},
+            cause=diagnosis.cause if diagnosis else "",
+            explanation=diagnosis.explanation if diagnosis else "",
         ))
-    return tuple(layers)
+    return tuple(_with_origin(layer, evidence, diagnosed) for layer in layers)
+
+
+def _with_origin(layer: LayerReport, evidence: _Evidence,
+                 diagnosed: Mapping[str, tuple[str, Diagnosis]]) -> LayerReport:
+    """An inherited error's explanation, completed with the layer where that error first grows."""
+    if layer.cause != "inputs":
+        return layer
+    worst = diagnosed[layer.output][1].worst_input
+    origin = evidence.origin(worst, diagnosed)
+    if not origin or origin == layer.node:
+        return layer
+    cause = next((d.cause for node, d in diagnosed.values() if node == origin), "")
+    return replace(layer, explanation=f"{layer.explanation}; it first grows at {origin!r} ({cause})")
+
+
+#: How far back a tensor no layer measured is traced through float ops to find the error it carries.
+TRACE_DEPTH = 16
+
+
+class _Evidence:
+    """What the diagnoses are built from (:mod:`qnnlib.diagnosis`): measured, histogram and weight errors."""
+
+    def __init__(self, p: Phases) -> None:
+        self.p = p
+        self._carried: dict[str, float] = {}
+
+    def own_error(self, tensor: str) -> TensorError | None:
+        """``tensor``'s own quantisation error at its group's parameters.
+
+        From its (or a fellow member's) calibration histogram, else from its float reference values.
+        """
+        group = self.p.plan.group_of(tensor)
+        if group is None or group.params.qtype not in QTYPES:
+            return None
+        kept = self.p.stats.histograms
+        observed = [m for m in (tensor, *group.members) if m in kept]
+        if observed:
+            return tensor_error(kept[observed[0]], group.params)
+        references = [r.tensors[tensor] for r in self.p.stats.references if tensor in r.tensors]
+        return values_error(np.concatenate(references), group.params) if references else None
+
+    def carried(self, tensor: str, depth: int = 0) -> float:
+        """The relative error ``tensor`` carries in the quantised model.
+
+        Measured where the report measured it; elsewhere the largest error among its producer's
+        inputs (traced back through float ops) plus its own quantisation error.
+        """
+        if tensor in self._carried:
+            return self._carried[tensor]
+        measured = _sqnr(self.p.fidelity, tensor)
+        if measured is not None:
+            value = 10 ** (-measured / 10)
+        else:
+            own = self.own_error(tensor)
+            producer = self.p.index.producer(tensor)
+            upstream = 0.0
+            if producer is not None and depth < TRACE_DEPTH:
+                upstream = max((self.carried(t, depth + 1) for t in producer.input
+                                if t and not self.p.index.is_constant(t)), default=0.0)
+            value = upstream + (own.total if own is not None else 0.0)
+        self._carried[tensor] = value
+        return value
+
+    def weights(self, node: str) -> tuple[float, int] | None:
+        """The largest relative error among ``node``'s quantised weights, and their bit width."""
+        found = None
+        for wp in self.p.plan.weights_of(node):
+            if wp.kind == "weight" and wp.qtype in QTYPES:
+                value = self.p.index.constant(wp.tensor).astype(np.float32)
+                error = weight_error(value, np.asarray(wp.scales, np.float32), wp.axis, wp.qmax)
+                if found is None or error > found[0]:
+                    found = (error, QTYPES[wp.qtype].bits)
+        return found
+
+    def diagnose(self, layer: LayerPlan, out: str, sqnr: float) -> Diagnosis:
+        """The sources of one measured layer's error."""
+        plan = self.p.plan
+        group = plan.group_of(out)
+        tied = group is not None and any(plan.group_of(t) is group for t in layer.inputs)
+        output = None if tied or group is None else self.own_error(out)
+        own_grid = group is not None and not tied and group.params.qtype in QTYPES
+        return diagnose(LayerEvidence(
+            layer.node, 10 ** (-sqnr / 10), {t: self.carried(t) for t in layer.inputs}, self.weights(layer.node),
+            output, out, group.params if group is not None else None,
+            extent(group.members, self.p.stats.extremes) if group is not None else None,
+            output_known=output is not None or not own_grid))
+
+    def origin(self, tensor: str, diagnosed: Mapping[str, tuple[str, Diagnosis]]) -> str:
+        """The layer where the error ``tensor`` carries first grows: up the chain of inherited errors.
+
+        Through a layer that inherits, to its worst input; through an op no layer measured, to its
+        input carrying the largest error; "" when the chain ends at a graph input.
+        """
+        seen: set[str] = set()
+        last = ""
+        while tensor and tensor not in seen:
+            seen.add(tensor)
+            if tensor in diagnosed:
+                last, d = diagnosed[tensor]
+                if d.cause != "inputs":
+                    return last
+                tensor = d.worst_input
+                continue
+            producer = self.p.index.producer(tensor)
+            upstream = [t for t in producer.input if t and not self.p.index.is_constant(t)] if producer else []
+            tensor = max(upstream, key=self.carried) if upstream else ""
+        return last
 
 
 def _measured_output(node: onnx.NodeProto, outputs: tuple[str, ...], index: GraphIndex, plan: QuantPlan, *,

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 
 from qnnlib.calibration.feeds import FeedSource
-from qnnlib.calibration.methods import CalibrationMethod, Observer
+from qnnlib.calibration.histogram import StreamingHistogram
+from qnnlib.calibration.methods import CalibrationMethod, HistogramObserver, Observer
 from qnnlib.errors import SessionError, first_line
 from qnnlib.graph.model_io import make_session
 from qnnlib.numerics.metrics import reference_positions
@@ -57,6 +58,9 @@ class CalibrationStats:
     extremes: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: Per tensor, the least-squared-error range at ``low_bit_levels`` levels, when asked for.
     low_bit_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Per observed tensor, its histogram (histogram methods only): the report's error diagnosis reads
+    #: it. The observers held them during the pass, so keeping them adds no peak memory.
+    histograms: dict[str, StreamingHistogram] = field(default_factory=dict)
 
 
 def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, method: CalibrationMethod,
@@ -125,8 +129,10 @@ def collect(model: onnx.ModelProto, observe: Sequence[str], feeds: FeedSource, m
     extremes = {t: (float(o.min_), float(o.max_)) for t, o in everything.items() if np.isfinite(o.min_)}
     low_bit = ({t: o.mse_range_at(low_bit_levels, symmetric) for t, o in everything.items()}
                if low_bit_levels is not None else {})
+    histograms = {t: o.histogram for t, o in observers.items()
+                   if isinstance(o, HistogramObserver) and not o.histogram.empty}
     return CalibrationStats({t: observers[t].range_ for t in observe}, samples, nonfinite, references, extremes,
-                            low_bit)
+                            low_bit, histograms)
 
 
 def _consume(values: dict[str, np.ndarray], observers: dict[str, Observer], nonfinite: dict[str, int], *,

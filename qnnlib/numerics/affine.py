@@ -140,6 +140,17 @@ def _channel_error(rows: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarra
     return np.sum(t, axis=1)
 
 
+def weight_error(w: np.ndarray, scales: np.ndarray, axis: int | None, qmax: int) -> float:
+    """The relative squared error of symmetric weight quantisation: ``|w - s q|^2 / |w|^2`` (0 for zero weights)."""
+    rows = _channel_rows(np.asarray(w, np.float32), axis)
+    flat = rows.reshape(-1)
+    power = float(np.dot(flat, flat))
+    if power == 0.0:
+        return 0.0
+    errors = _channel_error(rows, np.asarray(scales, np.float32).reshape(-1), qmax)
+    return float(np.sum(errors, dtype=np.float64)) / power
+
+
 def is_power_of_two(x: float) -> bool:
     """Whether ``x`` is ``2**k`` for an integer ``k`` (``x = 0.5 * 2**e`` exactly)."""
     return x > 0 and math.frexp(x)[0] == 0.5
