@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -139,10 +138,6 @@ def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
             f"removed {100 * outcome.harm.get(group.id, 0.0):.2g}% of the output error")
 
 
-def _db(error: float) -> float:
-    return math.inf if error <= 0 else 10 * math.log10(1 / error)
-
-
 def _layers(p: Phases) -> tuple[LayerReport, ...]:
     index, plan, selection = p.index, p.plan, p.selection
     nodes = {n.name: n for n in index.nodes}
@@ -155,6 +150,7 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
     layers = []
     evidence = _Evidence(p)
     diagnosed: dict[str, tuple[str, Diagnosis]] = {}  # measured tensor -> (layer, its diagnosis)
+    by_node: dict[str, Diagnosis] = {}
     for node in index.nodes:
         lp = layer_plans.get(node.name)
         if lp is None:
@@ -170,32 +166,31 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
         diagnosis = evidence.diagnose(lp, out, sqnr) if sqnr is not None and not folded else None
         if diagnosis is not None:
             diagnosed[out] = (node.name, diagnosis)
+            by_node[node.name] = diagnosis
         layers.append(LayerReport(
             node.name, node.op_type, lp.precision, out,
             group.params.scale if group else None, group.params.zero_point if group else None,
             group.id if group else None, sqnr, note,
             range=tuple(group.params.range) if group else None,  # type: ignore[arg-type]
-            error_before_db=_db(search.before) if search else None,
-            error_after_db=_db(search.after) if search else None,
+            error_before_db=db(search.before) if search else None,
+            error_after_db=db(search.after) if search else None,
             raised=why,
             error_sources={k: round(db(v), 2) for k, v in diagnosis.sources.items() if v > 0} if diagnosis else {},
             cause=diagnosis.cause if diagnosis else "",
             explanation=diagnosis.explanation if diagnosis else "",
         ))
-    return tuple(_with_origin(layer, evidence, diagnosed) for layer in layers)
+    return tuple(_with_origin(layer, evidence, diagnosed, by_node) for layer in layers)
 
 
-def _with_origin(layer: LayerReport, evidence: _Evidence,
-                 diagnosed: Mapping[str, tuple[str, Diagnosis]]) -> LayerReport:
+def _with_origin(layer: LayerReport, evidence: _Evidence, diagnosed: Mapping[str, tuple[str, Diagnosis]],
+                 by_node: Mapping[str, Diagnosis]) -> LayerReport:
     """An inherited error's explanation, completed with the layer where that error first grows."""
     if layer.cause != "inputs":
         return layer
-    worst = diagnosed[layer.output][1].worst_input
-    origin = evidence.origin(worst, diagnosed)
+    origin = evidence.origin(by_node[layer.node].worst_input, diagnosed)
     if not origin or origin == layer.node:
         return layer
-    cause = next((d.cause for node, d in diagnosed.values() if node == origin), "")
-    return replace(layer, explanation=f"{layer.explanation}; it first grows at {origin!r} ({cause})")
+    return replace(layer, explanation=f"{layer.explanation}; it first grows at {origin!r} ({by_node[origin].cause})")
 
 
 #: How far back a tensor no layer measured is traced through float ops to find the error it carries.
