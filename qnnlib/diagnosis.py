@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qnnlib.calibration.histogram import StreamingHistogram
-from qnnlib.numerics.affine import representable_range
-from qnnlib.numerics.qtypes import QType, qtype
+from qnnlib.numerics.affine import fake_quantize, representable_range
+from qnnlib.numerics.metrics import sqnr_of_error
+from qnnlib.numerics.qtypes import qtype
 from qnnlib.plan import ActivationParams
 
 #: Error sources, in the order the report lists them.
@@ -86,7 +87,7 @@ def tensor_error(hist: StreamingHistogram, params: ActivationParams) -> TensorEr
     inside = ~outside
     step, width = float(params.scale), hist.width
     if width < step:
-        on_grid = _dequantized(centers[inside], params, qt)
+        on_grid = fake_quantize(centers[inside], params.scale, params.zero_point, qt)
         per_value = (centers[inside] - on_grid) ** 2 + width * width / 12.0
         rounding = float(np.dot(counts[inside], per_value))
     else:
@@ -104,16 +105,10 @@ def values_error(x: np.ndarray, params: ActivationParams) -> TensorError | None:
     qt = qtype(params.qtype)
     lo, hi = representable_range(params.scale, params.zero_point, qt)
     outside = (x < lo) | (x > hi)
-    error = (x - _dequantized(x, params, qt)) ** 2
+    error = (x - fake_quantize(x, params.scale, params.zero_point, qt)) ** 2
     clipping = float(error[outside].sum())
     return TensorError(float(np.count_nonzero(outside)) / x.size, clipping / power,
                        float(error.sum()) / power - clipping / power, math.sqrt(power / x.size))
-
-
-def _dequantized(x: np.ndarray, params: ActivationParams, qt: QType) -> np.ndarray:
-    """``s (clip(rint(x / s) + z, qmin, qmax) - z)`` in float64."""
-    q = np.clip(np.rint(x / params.scale) + params.zero_point, qt.qmin, qt.qmax)
-    return (q - params.zero_point) * params.scale
 
 
 @dataclass(frozen=True)
@@ -168,27 +163,23 @@ def diagnose(e: LayerEvidence) -> Diagnosis:
     return Diagnosis(sources, cause, explanation, worst_input)
 
 
-def db(error: float) -> float:
-    """A relative error as SQNR in dB, ``-10 log10(error)`` (inf for no error)."""
-    return math.inf if error <= 0 else -10.0 * math.log10(error)
-
-
 def _explain(cause: str, e: LayerEvidence, sources: Mapping[str, float], worst_input: str) -> str:
     """One sentence: the cause with its figures, and what the user can change."""
     raise_hint = "a Threshold lets qnnlib raise it to int16"
+    level = {k: sqnr_of_error(v) for k, v in sources.items()}  # each source in dB
     if cause == "amplification":
         passed = sum(v for k, v in sources.items() if k != "amplification")
-        return (f"amplifies the error it receives: {db(e.measured):.1f} dB at its output against "
-                f"{db(passed):.1f} dB from its inputs, weights and output grid together; its output "
+        return (f"amplifies the error it receives: {sqnr_of_error(e.measured):.1f} dB at its output against "
+                f"{sqnr_of_error(passed):.1f} dB from its inputs, weights and output grid together; its output "
                 f"keeps a small part of what it sums (nearly cancelling terms, a Relu cutting most of it, "
                 f"a steep nonlinearity) while the error passes whole; less error into it helps: 16 bits "
                 f"for its input {worst_input!r} ({raise_hint})")
     if cause == "inputs":
-        return (f"inherits its error: input {worst_input!r} already carries {db(sources['inputs']):.1f} dB; "
+        return (f"inherits its error: input {worst_input!r} already carries {level['inputs']:.1f} dB; "
                 f"look at the layer writing it")
     if cause == "weights":
         bits = e.weights[1] if e.weights is not None else 8
-        return (f"weight rounding at {bits} bits: {db(sources['weights']):.1f} dB; QuantConfig(optimize=True) "
+        return (f"weight rounding at {bits} bits: {level['weights']:.1f} dB; QuantConfig(optimize=True) "
                 f"searches per-channel weight clipping, or {raise_hint} (weights too), or "
                 f"exclude=({e.node!r},) keeps it float")
     assert e.output is not None and e.output_params is not None
@@ -197,10 +188,10 @@ def _explain(cause: str, e: LayerEvidence, sources: Mapping[str, float], worst_i
         wider = (f"TensorOverride(range=({e.extremes[0]:.4g}, {e.extremes[1]:.4g})) for {e.output_tensor!r} "
                  f"(its observed extremes), " if e.extremes is not None else "")
         return (f"output clipping: {100 * e.output.clipped:.2g}% of its values fall outside [{lo:.4g}, {hi:.4g}] "
-                f"({db(sources['output clipping']):.1f} dB); widen the range: {wider}method='mse', or "
+                f"({level['output clipping']:.1f} dB); widen the range: {wider}method='mse', or "
                 f"QuantConfig(optimize=True)")
     spread = (hi - lo) / e.output.rms if e.output.rms > 0 else math.inf
-    return (f"output rounding on a step of {e.output_params.scale:.3g} ({db(sources['output rounding']):.1f} dB): "
+    return (f"output rounding on a step of {e.output_params.scale:.3g} ({level['output rounding']:.1f} dB): "
             f"the range [{lo:.4g}, {hi:.4g}] spans {spread:.0f}x the values' RMS {e.output.rms:.3g}, so "
             f"rare large values set the step; a clipping method (method='percentile' or 'mse'), or "
             f"{raise_hint}")

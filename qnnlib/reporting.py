@@ -10,12 +10,13 @@ import onnx
 
 from qnnlib.calibration.collect import CalibrationStats
 from qnnlib.config import QuantConfig
-from qnnlib.diagnosis import Diagnosis, LayerEvidence, TensorError, db, diagnose, tensor_error, values_error
+from qnnlib.diagnosis import Diagnosis, LayerEvidence, TensorError, diagnose, tensor_error, values_error
 from qnnlib.evaluate import Fidelity
 from qnnlib.fusion import COMPUTE_OPS, FusionSummary
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.select import Selection
 from qnnlib.numerics.affine import weight_error
+from qnnlib.numerics.metrics import sqnr_of_error
 from qnnlib.numerics.qtypes import QTYPES
 from qnnlib.optimize.mixed_search import CurvePoint, MixedOutcome
 from qnnlib.optimize.raising import Outcome
@@ -172,10 +173,11 @@ def _layers(p: Phases) -> tuple[LayerReport, ...]:
             group.params.scale if group else None, group.params.zero_point if group else None,
             group.id if group else None, sqnr, note,
             range=tuple(group.params.range) if group else None,  # type: ignore[arg-type]
-            error_before_db=db(search.before) if search else None,
-            error_after_db=db(search.after) if search else None,
+            error_before_db=sqnr_of_error(search.before) if search else None,
+            error_after_db=sqnr_of_error(search.after) if search else None,
             raised=why,
-            error_sources={k: round(db(v), 2) for k, v in diagnosis.sources.items() if v > 0} if diagnosis else {},
+            error_sources=({k: round(sqnr_of_error(v), 2) for k, v in diagnosis.sources.items() if v > 0}
+                           if diagnosis else {}),
             cause=diagnosis.cause if diagnosis else "",
             explanation=diagnosis.explanation if diagnosis else "",
         ))

@@ -53,6 +53,7 @@ from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, make_session
 from qnnlib.local_error import build_perturbation, build_probe
+from qnnlib.numerics.metrics import sqnr_of_error
 from qnnlib.numerics.qtypes import qtype
 from qnnlib.optimize.error import output_error, region_outputs, signal_powers
 from qnnlib.plan import ActivationParams, QuantPlan
@@ -341,11 +342,6 @@ def _analyse(float_model: onnx.ModelProto, configs: _Configurations, gids: list[
 _Scores = tuple[float, float]
 #: Per group and precision, ``only`` and ``all_but``; per precision, ``all_lowered``.
 _Results = tuple[dict[int, dict[str, _Scores]], dict[int, dict[str, _Scores]], dict[str, _Scores]]
-
-
-def sqnr_of_error(error: float) -> float:
-    """The SQNR in dB an output error ``E`` (a noise-to-signal ratio) stands for: ``-10 log10(E)``."""
-    return math.inf if error <= 0 else -10.0 * math.log10(error)
 
 
 def _estimate(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,

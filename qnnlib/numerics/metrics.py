@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def sqnr_of_error(error: float) -> float:
+    """The SQNR in dB a relative error ``E`` (a noise-to-signal ratio) stands for: ``-10 log10(E)``, inf for none."""
+    return math.inf if error <= 0 else -10.0 * math.log10(error)
+
+
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantisation-noise ratio ``10 log10(sum(ref^2) / sum((ref - test)^2))`` in dB."""
     acc = ErrorAccumulator()
