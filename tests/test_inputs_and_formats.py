@@ -104,6 +104,20 @@ def test_dynamic_batch_and_generated_data() -> None:
     assert out.shape == (5, 8)
 
 
+def test_negative_dims_are_dynamic() -> None:
+    """Paddle exports declare unknown dimensions as -1 (PP-OCR's angle classifier: [-1, 3, ?, ?])."""
+    model = builders.conv_net()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for d in (dims[0], dims[2], dims[3]):
+        d.dim_value = -1
+    data = [{"input": np.random.default_rng(i).normal(size=(1, 3, 16, 16)).astype(np.float32)} for i in range(4)]
+    result = qnnlib.quantize(model, data)
+    assert result.report.quantized_layers
+    generated = qnnlib.quantize(model, None)
+    assert generated.report.calibration.generated
+    assert generated.session().run(None, data[0])[0].shape == (1, 10)
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_every_method_runs(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], method: str) -> None:
     result = qnnlib.quantize(model, feeds, config=qnnlib.QuantConfig(method=method))

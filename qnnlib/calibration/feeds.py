@@ -33,6 +33,7 @@ import onnx
 from onnx import helper
 
 from qnnlib.errors import CalibrationDataError, EmptyCalibrationError
+from qnnlib.graph.index import declared_dims
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def input_specs(model: onnx.ModelProto) -> tuple[InputSpec, ...]:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
         shape = None
         if tt.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+            shape = declared_dims(tt)
         specs.append(InputSpec(vi.name, dtype, shape))
     return tuple(specs)
 

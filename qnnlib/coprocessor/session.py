@@ -35,7 +35,7 @@ from qnnlib.coprocessor.ops import KERNELS, Compiled, refusal
 from qnnlib.coprocessor.policy import POLICIES
 from qnnlib.emit.integer import MOVES, to_integer
 from qnnlib.errors import ConfigError, InputError, UnsupportedModelError
-from qnnlib.graph.index import GraphIndex, node_reads
+from qnnlib.graph.index import GraphIndex, declared_dims, node_reads
 from qnnlib.graph.model_io import ModelLike, load_model, make_session
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,5 @@ def _tensor_types(model: onnx.ModelProto,
 def _arg(value: onnx.ValueInfoProto) -> NodeArg:
     tensor = value.type.tensor_type
     name = onnx.TensorProto.DataType.Name(tensor.elem_type).lower() if tensor.elem_type else "float"
-    dims: list[int | str | None] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                    for d in tensor.shape.dim]
+    dims = list(declared_dims(tensor))
     return NodeArg(value.name, f"tensor({name})", dims)

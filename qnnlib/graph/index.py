@@ -24,6 +24,16 @@ class Use:
     index: int
 
 
+def declared_dims(tensor_type: onnx.TypeProto.Tensor) -> tuple[int | str | None, ...]:
+    """A tensor type's declared dimensions: an int, a symbolic name, or None where unknown.
+
+    Exporters write unknown dimensions as a name, as nothing, or as a negative number (Paddle's -1);
+    the last two both read as None.
+    """
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                 for d in tensor_type.shape.dim)
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterable[onnx.GraphProto]:
     """The graphs held in a node's attributes (If branches, Loop and Scan bodies)."""
     for attr in node.attribute:
@@ -89,10 +99,7 @@ class GraphIndex:
         self._shapes: dict[str, tuple[int | str | None, ...]] = {}
         for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                self._shapes[vi.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                    for d in vi.type.tensor_type.shape.dim
-                )
+                self._shapes[vi.name] = declared_dims(vi.type.tensor_type)
 
     # -- edges -------------------------------------------------------------------------------
     def node(self, name: str) -> onnx.NodeProto:
