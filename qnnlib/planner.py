@@ -371,7 +371,10 @@ def _weight_plan(ctx: _Weights, slot: WeightSlot, bias: WeightSlot | None) -> We
             scales = minimum
     if bias is not None and slot.axis is not None and ctx.integer_kernel(node):
         s_in = np.float32(ctx.groups[node.input[0]].params.scale)
-        scales = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)
+        safe = affine.bias_safe_scales(scales, w, slot.axis, ctx.index.constant(bias.tensor), s_in)
+        raised = np.where(safe > scales, safe, 0.0).astype(np.float32)
+        minimum = raised if minimum is None else np.maximum(minimum, raised)
+        scales = safe
     if ctx.config.power_of_two_scales:
         scales = affine.power_of_two_weight_scales(w, slot.axis, qmax, scales, minimum=minimum)
     return WeightPlan(slot.node, slot.input_index, slot.tensor, WEIGHT, wqt.name, slot.axis,

@@ -154,6 +154,20 @@ def test_zero_weight_channel_gets_a_bias_safe_scale() -> None:
     assert abs(float(q[1]) * 0.02 * safe[1] - 3.0) < 1e-6
 
 
+def test_near_dead_channel_gets_a_bias_safe_scale() -> None:
+    """Tiny weights under a large bias (PP-OCRv5's detector): the scale rises instead of the bias clamping."""
+    w = np.full((2, 4), 1e-7, np.float32)
+    w[0] = 0.5
+    bias = np.array([0.1, 300.0], np.float32)
+    s_in = np.float32(0.01)
+    scales = affine.weight_scales(w, 0, 127)
+    assert affine.quantize_bias(bias, affine.bias_scales(s_in, scales))[1] == 1  # clamps unraised
+    safe = affine.bias_safe_scales(scales, w, 0, bias, s_in)
+    assert safe[0] == scales[0] and safe[1] > scales[1]
+    q, clamped = affine.quantize_bias(bias, affine.bias_scales(s_in, safe))
+    assert clamped == 0 and abs(float(q[1]) * float(s_in * safe[1]) - 300.0) < 1e-3
+
+
 # -- metrics ------------------------------------------------------------------------------------
 def test_sqnr_and_cosine() -> None:
     ref = np.array([1.0, -1.0, 2.0, 0.0])

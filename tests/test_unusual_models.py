@@ -174,6 +174,22 @@ def test_constant_zero_activation_keeps_its_readers_bias_exact() -> None:
     assert worst <= 0.01
 
 
+def test_near_dead_channel_keeps_its_large_bias() -> None:
+    """A channel with weights near 1e-9 and a bias of 5 (PP-OCRv5's detector has 700 such values).
+
+    At ``s_in * s_w`` the bias needs far more than 32 bits; clamped, it would come out near 0.
+    qnnlib raises that channel's weight scale instead, so nothing is clamped and the output holds.
+    """
+    b = builders.GraphBuilder()
+    w = b.rng.normal(0, 0.3, (2, 3, 3, 3)).astype(np.float32)
+    w[1] *= 1e-8
+    y = b.op("Conv", ["x", b.const(w, "w"), b.const(np.array([0.1, 5.0], np.float32), "b")], pads=[1, 1, 1, 1])
+    model = b.model([value("x", [1, 3, 8, 8])], [value(y, [1, 2, 8, 8])])  # type: ignore[arg-type]
+    result, worst = quantize_and_check(model, images(), images())
+    assert not any("overflowed" in n for n in result.report.notes)
+    assert worst <= 0.01
+
+
 @pytest.mark.parametrize("fill", [0.0, 0.5])
 def test_constant_calibration_input(fill: float) -> None:
     model = builders.conv_net()

@@ -259,21 +259,25 @@ def quantize_bias(b: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, int]:
 
 def bias_safe_scales(w_scales: np.ndarray, w: np.ndarray, axis: int, bias: np.ndarray | None,
                      input_scale: np.float32) -> np.ndarray:
-    """Give all-zero weight channels a scale at which their bias is representable in int32.
+    """Raise weight scales so that every bias is representable in int32 at ``s_in * s_w``.
 
-    For such a channel the weight scale is free (every weight is 0), so choose
-    ``s_w = |b| / (s_in * 2**30)`` rather than 1, which would quantise the bias at step ``s_in``.
+    A channel whose bias would overflow, ``|b| / (s_in * s_w) > 2**31 - 1`` (a near-dead channel: tiny
+    weights, a large bias), gets ``s_w = |b| / (s_in * 2**30)``. Its weights are then coarser, but
+    their whole contribution is below the bias by the same factor, while a clamped bias is an error
+    of the bias's own size. An all-zero channel's scale is free (every weight is 0), so it gets that
+    scale too rather than 1, which would quantise its bias at step ``s_in``.
     """
     if bias is None:
         return w_scales
     axis = axis % w.ndim
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
     zero_channel = np.max(np.abs(w), axis=reduce_axes, initial=0.0) == 0
-    if not zero_channel.any():
+    b = np.abs(np.asarray(bias, np.float64)).reshape(-1)
+    overflow = b / (float(input_scale) * np.asarray(w_scales, np.float64)) > INT32.qmax
+    if not (zero_channel.any() or overflow.any()):
         return w_scales
     out = w_scales.copy()
-    b = np.abs(np.asarray(bias, np.float64)).reshape(-1)
     wanted = b / (float(input_scale) * 2.0**30)
-    pick = zero_channel & (wanted > MIN_SCALE)
+    pick = (zero_channel | overflow) & (wanted > MIN_SCALE)
     out[pick] = wanted[pick].astype(np.float32)
     return out
