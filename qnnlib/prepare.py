@@ -20,6 +20,7 @@ from qnnlib.errors import ConfigError, InvalidModelError
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
+from qnnlib.graph.rules import ALREADY_QUANTISED
 from qnnlib.graph.select import Selection, match_excluded, select
 from qnnlib.graph.tying import TiedGroup, narrow_ties, tie_groups
 from qnnlib.plan import QuantPlan
@@ -72,6 +73,10 @@ def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedMode
         index = GraphIndex(normalized.model)
         excluded = excluded_nodes(index, config)
         selection = select(index, excluded=excluded, per_channel=config.per_channel and normalized.per_channel_ok)
+        prequantised = sum(why.startswith(ALREADY_QUANTISED) for _, why in selection.float_nodes)
+        if prequantised:
+            log.warning("the model is already quantised: %d nodes of its own quantisation or wrapped by it are "
+                        "left as they are; pass the float model for qnnlib to choose every parameter", prequantised)
         check_overrides(index, selection, config)
         check_weights(index, selection)
         groups = tie_groups(selection.activations, selection.ties)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -14,6 +15,7 @@ from qnnlib.diagnosis import Diagnosis, LayerEvidence, TensorError, diagnose, te
 from qnnlib.evaluate import Fidelity
 from qnnlib.fusion import COMPUTE_OPS, FusionSummary
 from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.rules import ALREADY_QUANTISED
 from qnnlib.graph.select import Selection
 from qnnlib.numerics.affine import weight_error
 from qnnlib.numerics.metrics import sqnr_of_error
@@ -64,6 +66,13 @@ def build_report(p: Phases) -> Report:
     notes = list(p.notes)
     notes += [f"bias {w.tensor!r} of {w.node!r}: {w.clamped} values overflowed int32 and were clamped"
               for w in p.plan.weights if w.clamped]
+    quantised_already = [p.index.node(n).op_type for n, why in p.selection.float_nodes
+                         if why.startswith(ALREADY_QUANTISED)]
+    if quantised_already:
+        counts = ", ".join(f"{op} x{k}" for op, k in sorted(Counter(quantised_already).items()))
+        notes.append(f"the model was already quantised: {len(quantised_already)} nodes of its own quantisation "
+                     f"or wrapped by it ({counts}) are left as they are; pass the float model for qnnlib to "
+                     "choose every parameter")
     if p.generation is not None:
         notes.append("calibration data was GENERATED from what the model implies: pass real data for "
                      "representative ranges")

@@ -190,6 +190,35 @@ def test_near_dead_channel_keeps_its_large_bias() -> None:
     assert worst <= 0.01
 
 
+# -- already quantised models ---------------------------------------------------------------------
+def test_a_quantised_model_is_left_as_it_is_and_said_so() -> None:
+    """qnnlib's own QDQ output, quantised again: no second quantisation, a note and a reason per node."""
+    model = builders.conv_net()
+    calib = builders.calibration(model)
+    first = qnnlib.quantize(model, calib)
+    again, worst = quantize_and_check(first.model, calib, calib[:2])
+    assert worst == 0.0
+    assert not again.report.quantized_layers
+    assert any("already quantised" in n for n in again.report.notes)
+    conv = next(layer for layer in again.report.layers if layer.op_type == "Conv")
+    assert "DequantizeLinear" in conv.note
+
+
+def test_a_dynamically_quantised_model_is_recognised(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """onnxruntime's quantize_dynamic output (DynamicQuantizeLinear, MatMulInteger): its float ops stay float."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    model = builders.mlp()
+    onnx.save(model, tmp_path / "mlp.onnx")
+    quantize_dynamic(tmp_path / "mlp.onnx", tmp_path / "dynamic.onnx")
+    dynamic = onnx.load(tmp_path / "dynamic.onnx")
+    calib = builders.calibration(model)
+    result, worst = quantize_and_check(dynamic, calib, calib[:2])
+    note = next(n for n in result.report.notes if "already quantised" in n)
+    assert "DynamicQuantizeLinear" in note and "MatMulInteger" in note
+    assert worst == 0.0
+
+
 @pytest.mark.parametrize("fill", [0.0, 0.5])
 def test_constant_calibration_input(fill: float) -> None:
     model = builders.conv_net()

@@ -90,8 +90,42 @@ RULES: dict[str, OpRule] = {
 }
 
 
+#: The reason given to every node of a model's own quantisation and to the nodes it wraps.
+ALREADY_QUANTISED = "already quantised"
+#: Standard ops that quantise, dequantise or compute on integers.
+_QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                               "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+#: onnxruntime's contrib ops of that kind that the name patterns below miss.
+_CONTRIB_QUANTIZATION_OPS = frozenset({"QGemm", "QAttention", "QEmbedLayerNormalization", "MatMulNBits",
+                                       "MatMulBnb4", "GatherBlockQuantized"})
+
+
+def is_quantization_op(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` belongs to an already quantised model (Q/DQ, an integer kernel, a dynamic quantiser)."""
+    op = node.op_type
+    if node.domain in ("", "ai.onnx"):
+        return op in _QUANTIZATION_OPS
+    return node.domain == "com.microsoft" and (
+        op in _CONTRIB_QUANTIZATION_OPS or op.startswith(("QLinear", "QOrdered")) or "Quantize" in op
+        or "Integer" in op)
+
+
+def _already_quantised(node: onnx.NodeProto, index: GraphIndex) -> str:
+    """Why ``node`` is part of the model's own quantisation, or ``""``: a quantisation op, or it reads a DQ."""
+    if is_quantization_op(node):
+        return f"{ALREADY_QUANTISED}: {node.op_type} is part of the model's own quantisation"
+    for tensor in node.input:
+        producer = index.producer(tensor) if tensor else None
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return f"{ALREADY_QUANTISED}: reads {tensor!r} from DequantizeLinear {producer.name!r}"
+    return ""
+
+
 def rule_for(node: onnx.NodeProto, index: GraphIndex) -> tuple[OpRule | None, str]:
     """The rule that applies to ``node``, or None with the reason it stays float."""
+    quantised = _already_quantised(node, index)
+    if quantised:
+        return None, quantised
     if node.domain not in ("", "ai.onnx"):
         return None, f"op of domain {node.domain!r} has no integer kernel"
     rule = RULES.get(node.op_type)
