@@ -75,6 +75,8 @@ class QuantConfig:
     * ``max_calibration_samples``: read at most this many calibration samples.
     * ``report_samples``: samples used to measure per-layer SQNR for the report (0 to skip).
     * ``fold_batchnorm``: fold BatchNormalization into the preceding Conv.
+    * ``float_log_inputs``: keep every op feeding a Log float, up to an exponential op (an audio
+      front end: STFT or CQT as Conv, magnitudes, Log), where 8-bit steps would zero the quiet bins.
     * ``verify_fusion``: check in onnxruntime's optimised graph that integer kernels replaced the layers.
     * ``seed``: seed for generated calibration data.
     * ``input_ranges``: ``{input_name: (low, high)}``, the value range of an input, used only when
@@ -111,6 +113,7 @@ class QuantConfig:
     max_calibration_samples: int | None = None
     report_samples: int = 4
     fold_batchnorm: bool = True
+    float_log_inputs: bool = True
     verify_fusion: bool = True
     seed: int = 0
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
@@ -196,6 +199,7 @@ class QuantConfig:
             "activation_symmetric": self.activation_symmetric,
             "weight_type": self.weight_type,
             "per_channel": self.per_channel,
+            "float_log_inputs": self.float_log_inputs,
             "power_of_two_scales": self.power_of_two_scales,
             "overflow_fix": self.overflow_fix,
             "method": {"name": method.name, **vars(method)},

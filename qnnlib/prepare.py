@@ -21,7 +21,7 @@ from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
 from qnnlib.graph.rules import ALREADY_QUANTISED
-from qnnlib.graph.select import Selection, match_excluded, select
+from qnnlib.graph.select import Selection, log_input_cones, match_excluded, select
 from qnnlib.graph.tying import TiedGroup, narrow_ties, tie_groups
 from qnnlib.plan import QuantPlan
 from qnnlib.planner import build_plan
@@ -72,7 +72,10 @@ def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedMode
     with timer("select"):
         index = GraphIndex(normalized.model)
         excluded = excluded_nodes(index, config)
-        selection = select(index, excluded=excluded, per_channel=config.per_channel and normalized.per_channel_ok)
+        kept = {n: why for n, why in log_input_cones(index).items() if n not in excluded} \
+            if config.float_log_inputs else {}
+        selection = select(index, excluded=excluded, kept_float=kept,
+                           per_channel=config.per_channel and normalized.per_channel_ok)
         prequantised = sum(why.startswith(ALREADY_QUANTISED) for _, why in selection.float_nodes)
         if prequantised:
             log.warning("the model is already quantised: %d nodes of its own quantisation or wrapped by it are "

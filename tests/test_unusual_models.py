@@ -190,6 +190,55 @@ def test_near_dead_channel_keeps_its_large_bias() -> None:
     assert worst <= 0.01
 
 
+# -- a Log's input cone ---------------------------------------------------------------------------
+def _audio_front_end() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """Audio -> STFT as two strided Convs (cos, sin) -> power -> Log -> a Conv; tones 60 dB apart."""
+    b = builders.GraphBuilder()
+    n_fft, hop, bins = 64, 32, 33
+    t = np.arange(n_fft)
+    window = np.hanning(n_fft)
+    freqs = np.arange(bins)[:, None]
+    cos = (np.cos(2 * np.pi * freqs * t / n_fft) * window)[:, None, :].astype(np.float32)
+    sin = (np.sin(2 * np.pi * freqs * t / n_fft) * window)[:, None, :].astype(np.float32)
+    re = b.op("Conv", ["x", b.const(cos, "cos")], strides=[hop])
+    im = b.op("Conv", ["x", b.const(sin, "sin")], strides=[hop])
+    power = b.op("Add", [b.op("Mul", [re, re]), b.op("Mul", [im, im])])  # type: ignore[list-item]
+    log = b.op("Log", [b.op("Add", [power, b.const(np.array(1e-10, np.float32), "eps")])])  # type: ignore[list-item]
+    w = b.rng.normal(0, 0.1, (8, bins, 3)).astype(np.float32)
+    y = b.op("Conv", [log, b.const(w, "w"), b.const(np.zeros(8, np.float32), "b")], pads=[1, 1])  # type: ignore[list-item]
+    model = b.model([value("x", [1, 1, 2048])], [value(y, [1, 8, 63])])  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    s = np.arange(2048)
+    feeds = [{"x": (0.9 * np.sin(2 * np.pi * rng.uniform(3, 10) * s / 64) + 1e-3 * np.sin(2 * np.pi * 20 * s / 64)
+                    + 1e-4 * rng.standard_normal(2048)).astype(np.float32)[None, None]} for _ in range(8)]
+    return model, feeds
+
+
+def test_an_audio_front_end_stays_float() -> None:
+    """Quantised, the quiet bins become zeros and their log garbage; the cone up to the Log stays float."""
+    model, feeds = _audio_front_end()
+    result, kept = quantize_and_check(model, feeds, feeds)
+    assert {layer.precision for layer in result.report.layers if layer.op_type in ("Mul", "Add")} == {"float"}
+    stft = [layer for layer in result.report.layers if layer.op_type == "Conv"][:2]
+    assert all(layer.precision == "float" and "feeds Log" in layer.note for layer in stft)
+    assert precisions(result)[model.graph.node[-1].name] == "int8"  # the Conv after the Log
+    _, quantised = quantize_and_check(model, feeds, feeds, float_log_inputs=False)
+    assert kept <= 0.02 < quantised
+
+
+def test_a_log_of_a_softmax_keeps_only_the_softmax_float() -> None:
+    b = builders.GraphBuilder()
+    y = b.conv(b.conv("x", 3, 4), 4, 4, relu=False)
+    probs = b.op("Softmax", [y], axis=1)
+    out = b.op("Log", [probs])  # type: ignore[list-item]
+    model = b.model([value("x", [1, 3, 8, 8])], [value(out, [1, 4, 8, 8])])  # type: ignore[arg-type]
+    result, _ = quantize_and_check(model, images(), images())
+    reasons = {layer.node: layer.note for layer in result.report.layers}
+    softmax = next(n.name for n in model.graph.node if n.op_type == "Softmax")
+    assert "feeds Log" in reasons[softmax]
+    assert all(layer.precision == "int8" for layer in result.report.layers if layer.op_type == "Conv")
+
+
 # -- already quantised models ---------------------------------------------------------------------
 def test_a_quantised_model_is_left_as_it_is_and_said_so() -> None:
     """qnnlib's own QDQ output, quantised again: no second quantisation, a note and a reason per node."""

@@ -15,6 +15,12 @@ a detector's box decoding and output Concat) gain nothing from integer kernels a
 rounding to the user's outputs. So QUANTIZED_IO, TIE_ALL and PASS_THROUGH nodes from which no
 weighted layer can be reached stay float.
 
+A Log's input cone stays float (:func:`log_input_cones`): an audio front end (an STFT or CQT as
+Conv, magnitudes, then a Log) spans 80-100 dB, and 8-bit linear steps turn its quiet bins into
+zeros whose logarithm is garbage. The cone runs upstream from the Log through every op and stops
+after an exponential op (Softmax, Exp, Sigmoid, ...), whose output's relative precision already
+comes from its input's absolute precision.
+
 A MatMul or Gemm output is quantised only when a quantised reader needs it: otherwise onnxruntime
 runs the layer as MatMulIntegerToFloat or QGemm with a float output, which saves a rounding and a
 requantisation. A Conv always quantises its output: onnxruntime has no Conv kernel with integer
@@ -38,6 +44,8 @@ WEIGHT, BIAS = "weight", "bias"
 #: Layers whose integer kernel can write a float output (MatMulIntegerToFloat, QGemm).
 FLOAT_OUTPUT_KERNELS = frozenset({"MatMul", "Gemm"})
 TAIL_REASON = "after the last weighted layer: kept float, an integer kernel gains nothing there"
+#: Ops at which a Log's input cone stops: an additive error at their input is a relative one at their output.
+EXPONENTIAL_OPS = frozenset({"Softmax", "Exp", "Sigmoid", "Tanh", "Softplus", "Elu", "Selu"})
 
 
 @dataclass(frozen=True)
@@ -192,13 +200,44 @@ class _Region:
             self.ties.append(Tie(data, out, node.name, node.op_type, covered=data if folding else out))
 
 
+def log_input_cones(index: GraphIndex) -> dict[str, str]:
+    """Nodes whose output reaches a Log's input with no exponential op between, each with the reason.
+
+    The walk goes upstream from each Log (standard domain) over non-constant inputs; an op in
+    :data:`EXPONENTIAL_OPS` joins the cone (its output stays float) but the walk stops there.
+    """
+    kept: dict[str, str] = {}
+    for log_node in index.nodes:
+        if log_node.op_type != "Log" or log_node.domain not in ("", "ai.onnx") or not log_node.input:
+            continue
+        reason = (f"feeds Log {log_node.name!r}: a logarithm needs relative precision that 8-bit linear "
+                  "steps cannot give its small inputs (an audio front end); kept float")
+        todo = [log_node.input[0]]
+        while todo:
+            producer = index.producer(todo.pop())
+            if producer is None or producer.name in kept:
+                continue
+            kept[producer.name] = reason
+            if producer.op_type not in EXPONENTIAL_OPS:
+                todo.extend(t for t in producer.input if t and not index.is_constant(t))
+    return kept
+
+
 def select(index: GraphIndex, *, excluded: set[str] | frozenset[str] = frozenset(),
-           per_channel: bool = True) -> Selection:
-    """Apply the rules table to the graph; see the module docstring."""
-    region = _Region(index, excluded, per_channel)
+           kept_float: dict[str, str] | None = None, per_channel: bool = True) -> Selection:
+    """Apply the rules table to the graph; see the module docstring.
+
+    ``excluded``: nodes the user keeps float; ``kept_float``: nodes qnnlib keeps float, each with the
+    reason the report gives (:func:`log_input_cones`).
+    """
+    kept_float = kept_float or {}
+    region = _Region(index, set(excluded) | set(kept_float), per_channel)
     growing: list[tuple[onnx.NodeProto, OpRule]] = []
     for node in index.nodes:
         if node.name in excluded:
+            continue
+        if node.name in kept_float:
+            region.float_nodes.append((node.name, kept_float[node.name]))
             continue
         rule, reason = rule_for(node, index)
         if rule is None:
