@@ -208,6 +208,78 @@ def document_inputs(n: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     return feeds, labels
 
 
+def page_inputs(n: int, seed: int, height: int, width: int) -> list[np.ndarray]:
+    """Text pages of ``height`` x ``width`` for document detectors: ImageNet mean/std on RGB/255, NCHW."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    fonts = [f for f in _fonts() if "ExtraLight" not in f.name]
+    feeds = []
+    for _ in range(n):
+        page = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(215, 256, 3)))
+        draw = ImageDraw.Draw(page)
+        size = int(rng.integers(max(10, height // 40), max(12, height // 14)))
+        font = ImageFont.truetype(str(fonts[int(rng.integers(0, len(fonts)))]), size)
+        y = int(rng.integers(4, 3 * size))
+        while y < height - size:
+            ink = tuple(int(v) for v in rng.integers(0, 80, 3))
+            draw.text((int(rng.integers(4, width // 6)), y), random_text(rng, int(rng.integers(2, 8))), font=font,
+                      fill=ink)
+            y += int(size * rng.uniform(1.4, 2.6))
+        feeds.append(orientation_prep(np.asarray(page)))
+    return feeds
+
+
+def line_inputs(n: int, seed: int, height: int, width: int, gray: bool = False) -> list[np.ndarray]:
+    """Text lines stretched to ``height`` x ``width``, ``(x/255 - 0.5) / 0.5``: NCHW, one channel when ``gray``."""
+    rng = np.random.default_rng(seed)
+    fonts = [f for f in _fonts() if "ExtraLight" not in f.name]
+    feeds = []
+    for _ in range(n):
+        img = text_line(random_text(rng, int(rng.integers(1, 4))), fonts[int(rng.integers(0, len(fonts)))],
+                        height=height).resize((width, height))
+        arr = np.asarray(img.convert("L") if gray else img).astype(np.float32) / 255.0
+        chw = arr[None] if gray else arr.transpose(2, 0, 1)
+        feeds.append(((chw - 0.5) / 0.5)[None].astype(np.float32))
+    return feeds
+
+
+# -- sound --------------------------------------------------------------------------------------
+def music_clips(n: int, seed: int, length: int = 43844, rate: int = 22050) -> list[np.ndarray]:
+    """Mono clips ``(1, length, 1)``: a few decaying piano-like tones on a semitone grid, with a noise floor."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length) / rate
+    clips = []
+    for _ in range(n):
+        x = 0.003 * rng.standard_normal(length)
+        for _ in range(int(rng.integers(2, 6))):
+            f0 = 55.0 * 2 ** (int(rng.integers(12, 60)) / 12)
+            onset = rng.uniform(0, 0.8 * length / rate)
+            env = np.exp(-rng.uniform(1, 5) * np.maximum(t - onset, 0)) * (t >= onset)
+            for k in (1, 2, 3):
+                x += rng.uniform(0.05, 0.25) / k * np.sin(2 * np.pi * k * f0 * t) * env
+        clips.append(x.astype(np.float32)[None, :, None])
+    return clips
+
+
+def speech_spectra(n: int, seed: int, bins: int, frames: int = 100, rate: int = 16000) -> list[np.ndarray]:
+    """``(1, frames, bins)`` log10 power spectra (Hann window, hop of half a window) of voiced buzz in noise."""
+    rng = np.random.default_rng(seed)
+    win = 2 * (bins - 1)
+    samples = win * frames // 2 + win
+    t = np.arange(samples) / rate
+    out = []
+    for _ in range(n):
+        f0 = rng.uniform(90, 250)
+        voiced = (np.sin(2 * np.pi * rng.uniform(2, 5) * t) > 0).astype(np.float64)
+        buzz = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 12)) * voiced
+        sig = 0.2 * buzz + rng.uniform(0.005, 0.05) * rng.standard_normal(samples)
+        frames_ = np.stack([sig[i * win // 2:i * win // 2 + win] * np.hanning(win) for i in range(frames)])
+        power = np.abs(np.fft.rfft(frames_, axis=1)) ** 2
+        out.append(np.log10(power + 1e-9).astype(np.float32)[None])
+    return out
+
+
 def save_feeds(path: Path, name: str, feeds: list[np.ndarray]) -> None:
     """Store single-input feeds stacked on a new leading axis (the qnnlib CLI's .npz form)."""
     buf = io.BytesIO()

