@@ -210,8 +210,8 @@ def log_input_cones(index: GraphIndex) -> dict[str, str]:
     for log_node in index.nodes:
         if log_node.op_type != "Log" or log_node.domain not in ("", "ai.onnx") or not log_node.input:
             continue
-        reason = (f"feeds Log {log_node.name!r}: a logarithm needs relative precision that 8-bit linear "
-                  "steps cannot give its small inputs (an audio front end); kept float")
+        reason = (f"feeds Log {log_node.name!r}: a logarithm needs relative precision, which 8-bit linear "
+                  "steps cannot give small values (an audio front end's quiet bins); kept float")
         todo = [log_node.input[0]]
         while todo:
             producer = index.producer(todo.pop())
