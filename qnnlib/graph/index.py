@@ -163,3 +163,27 @@ def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+def layer_macs(index: GraphIndex, node_name: str, weight_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one weighted layer per sample: its weights times the output positions.
+
+    Conv: ``weights * prod(output spatial dims)``; MatMul and Gemm: ``weights * prod(output dims but
+    the last) / batch``; dynamic dims count as 1, and an unknown output shape as one position.
+    """
+    node = index.node(node_name)
+    weights = int(np.prod(weight_shape))
+    shape = index.shape(node.output[0]) if node.output else None
+    if not shape:
+        return weights
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    positions = int(np.prod(dims[2:])) if node.op_type == "Conv" else int(np.prod(dims[1:-1]))
+    return weights * max(positions, 1)
+
+
+def model_macs(index: GraphIndex) -> int:
+    """Multiply-accumulates per sample of every Conv, MatMul and Gemm with a constant weight (:func:`layer_macs`)."""
+    return sum(layer_macs(index, node.name, tuple(int(d) for d in index.initializers[node.input[1]].dims))
+               for node in index.nodes
+               if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1
+               and index.is_constant(node.input[1]))
