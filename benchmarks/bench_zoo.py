@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from benchmarks import datasets
-from benchmarks.bench_quantize import run_worker, session
+from benchmarks.bench_quantize import output_sqnr, run_worker, session
 from benchmarks.runner import run_models
 from benchmarks.tasks import top1_agreement
 
@@ -103,16 +103,9 @@ MODELS: dict[str, ZooModel] = {
 
 
 def lowest_sqnr(ref: Outputs, test: Outputs) -> float:
-    """The lowest over the float outputs of ``10 log10(sum ref^2 / sum (ref - test)^2)`` over all samples."""
-    worst = np.inf
-    for k in range(len(ref[0])):
-        if ref[0][k].dtype.kind != "f":
-            continue
-        signal = sum(float(np.sum(np.square(r[k].astype(np.float64)))) for r in ref)
-        noise = sum(float(np.sum(np.square(r[k].astype(np.float64) - t[k].astype(np.float64))))
-                    for r, t in zip(ref, test, strict=True))
-        worst = min(worst, 10 * np.log10(signal / noise) if noise else np.inf)
-    return float(worst)
+    """The lowest over the float outputs of :func:`~benchmarks.bench_quantize.output_sqnr` over all samples."""
+    return min((output_sqnr([[r[k]] for r in ref], [[t[k]] for t in test]) for k in range(len(ref[0]))
+                if ref[0][k].dtype.kind == "f"), default=np.inf)
 
 
 def bench_model(name: str, work: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from qnnlib.errors import ConfigError, InvalidModelError
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import ModelLike, check_model, load_model
 from qnnlib.graph.normalize import NormalizedModel, normalize
-from qnnlib.graph.rules import ALREADY_QUANTISED
+from qnnlib.graph.rules import ALREADY_QUANTISED_ADVICE
 from qnnlib.graph.select import Selection, log_input_cones, match_excluded, select
 from qnnlib.graph.tying import TiedGroup, narrow_ties, tie_groups
 from qnnlib.plan import QuantPlan
@@ -72,14 +72,12 @@ def prepare(model: ModelLike, config: QuantConfig, timer: Timer) -> PreparedMode
     with timer("select"):
         index = GraphIndex(normalized.model)
         excluded = excluded_nodes(index, config)
-        kept = {n: why for n, why in log_input_cones(index).items() if n not in excluded} \
-            if config.float_log_inputs else {}
-        selection = select(index, excluded=excluded, kept_float=kept,
+        selection = select(index, excluded=excluded,
+                           kept_float=log_input_cones(index) if config.float_log_inputs else None,
                            per_channel=config.per_channel and normalized.per_channel_ok)
-        prequantised = sum(why.startswith(ALREADY_QUANTISED) for _, why in selection.float_nodes)
-        if prequantised:
+        if selection.already_quantised:
             log.warning("the model is already quantised: %d nodes of its own quantisation or wrapped by it are "
-                        "left as they are; pass the float model for qnnlib to choose every parameter", prequantised)
+                        "left as they are; %s", len(selection.already_quantised), ALREADY_QUANTISED_ADVICE)
         check_overrides(index, selection, config)
         check_weights(index, selection)
         groups = tie_groups(selection.activations, selection.ties)

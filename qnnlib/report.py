@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qnnlib.numerics.metrics import error_of_sqnr
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -259,8 +261,7 @@ class Report:
         """
         def added(layer: LayerReport) -> float:
             assert layer.sqnr_db is not None
-            inherited = layer.error_sources.get("inputs", math.inf)
-            return 10 ** (-layer.sqnr_db / 10) - (0.0 if math.isinf(inherited) else 10 ** (-inherited / 10))
+            return error_of_sqnr(layer.sqnr_db) - error_of_sqnr(layer.error_sources.get("inputs", math.inf))
 
         diagnosed = [x for x in self.layers if x.cause and x.sqnr_db is not None and added(x) > 0]
         return tuple(sorted(diagnosed, key=added, reverse=True)[:n])

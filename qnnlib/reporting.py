@@ -15,10 +15,10 @@ from qnnlib.diagnosis import Diagnosis, LayerEvidence, TensorError, diagnose, te
 from qnnlib.evaluate import Fidelity
 from qnnlib.fusion import COMPUTE_OPS, FusionSummary
 from qnnlib.graph.index import GraphIndex
-from qnnlib.graph.rules import ALREADY_QUANTISED
+from qnnlib.graph.rules import ALREADY_QUANTISED_ADVICE
 from qnnlib.graph.select import Selection
 from qnnlib.numerics.affine import weight_error
-from qnnlib.numerics.metrics import sqnr_of_error
+from qnnlib.numerics.metrics import error_of_sqnr, sqnr_of_error
 from qnnlib.numerics.qtypes import QTYPES
 from qnnlib.optimize.mixed_search import CurvePoint, MixedOutcome
 from qnnlib.optimize.raising import Outcome
@@ -66,13 +66,11 @@ def build_report(p: Phases) -> Report:
     notes = list(p.notes)
     notes += [f"bias {w.tensor!r} of {w.node!r}: {w.clamped} values overflowed int32 and were clamped"
               for w in p.plan.weights if w.clamped]
-    quantised_already = [p.index.node(n).op_type for n, why in p.selection.float_nodes
-                         if why.startswith(ALREADY_QUANTISED)]
+    quantised_already = [p.index.node(n).op_type for n in p.selection.already_quantised]
     if quantised_already:
         counts = ", ".join(f"{op} x{k}" for op, k in sorted(Counter(quantised_already).items()))
         notes.append(f"the model was already quantised: {len(quantised_already)} nodes of its own quantisation "
-                     f"or wrapped by it ({counts}) are left as they are; pass the float model for qnnlib to "
-                     "choose every parameter")
+                     f"or wrapped by it ({counts}) are left as they are; {ALREADY_QUANTISED_ADVICE}")
     if p.generation is not None:
         notes.append("calibration data was GENERATED from what the model implies: pass real data for "
                      "representative ranges")
@@ -240,7 +238,7 @@ class _Evidence:
             return self._carried[tensor]
         measured = _sqnr(self.p.fidelity, tensor)
         if measured is not None:
-            value = 10 ** (-measured / 10)
+            value = error_of_sqnr(measured)
         else:
             own = self.own_error(tensor)
             producer = self.p.index.producer(tensor)
@@ -271,7 +269,7 @@ class _Evidence:
         output = None if tied or group is None else self.own_error(out)
         own_grid = group is not None and not tied and group.params.qtype in QTYPES
         return diagnose(LayerEvidence(
-            layer.node, 10 ** (-sqnr / 10), {t: self.carried(t) for t in layer.inputs}, self.weights(layer.node),
+            layer.node, error_of_sqnr(sqnr), {t: self.carried(t) for t in layer.inputs}, self.weights(layer.node),
             output, out, group.params if group is not None else None,
             extent(group.members, self.p.stats.extremes) if group is not None else None,
             output_known=output is not None or not own_grid))

@@ -92,6 +92,8 @@ RULES: dict[str, OpRule] = {
 
 #: The reason given to every node of a model's own quantisation and to the nodes it wraps.
 ALREADY_QUANTISED = "already quantised"
+#: What the warning and the report note on an already quantised model advise.
+ALREADY_QUANTISED_ADVICE = "pass the float model for qnnlib to choose every parameter"
 #: Standard ops that quantise, dequantise or compute on integers.
 _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                                "QLinearMatMul", "ConvInteger", "MatMulInteger"})

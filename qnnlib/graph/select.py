@@ -30,14 +30,14 @@ inputs and a float output.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from qnnlib.graph.index import GraphIndex
-from qnnlib.graph.rules import Kind, OpRule, data_inputs, data_outputs, rule_for, weight_axis
+from qnnlib.graph.rules import ALREADY_QUANTISED, Kind, OpRule, data_inputs, data_outputs, rule_for, weight_axis
 
 #: A quantised constant's role: a per-channel weight or an int32 bias.
 WEIGHT, BIAS = "weight", "bias"
@@ -92,6 +92,11 @@ class Selection:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_layer_set", frozenset(self.layers))
+
+    @property
+    def already_quantised(self) -> tuple[str, ...]:
+        """Nodes left as they are because they belong to the model's own quantisation, or read its DQs."""
+        return tuple(n for n, why in self.float_nodes if why.startswith(ALREADY_QUANTISED))
 
     def is_layer(self, node: str) -> bool:
         """Whether ``node`` runs quantised."""
@@ -224,7 +229,7 @@ def log_input_cones(index: GraphIndex) -> dict[str, str]:
 
 
 def select(index: GraphIndex, *, excluded: set[str] | frozenset[str] = frozenset(),
-           kept_float: dict[str, str] | None = None, per_channel: bool = True) -> Selection:
+           kept_float: Mapping[str, str] | None = None, per_channel: bool = True) -> Selection:
     """Apply the rules table to the graph; see the module docstring.
 
     ``excluded``: nodes the user keeps float; ``kept_float``: nodes qnnlib keeps float, each with the

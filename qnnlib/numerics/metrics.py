@@ -14,6 +14,11 @@ def sqnr_of_error(error: float) -> float:
     return math.inf if error <= 0 else -10.0 * math.log10(error)
 
 
+def error_of_sqnr(sqnr: float) -> float:
+    """The relative error ``E = 10^(-SQNR/10)`` an SQNR in dB stands for (:func:`sqnr_of_error` inverted), 0 for inf."""
+    return 10.0 ** (-sqnr / 10.0)
+
+
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantisation-noise ratio ``10 log10(sum(ref^2) / sum((ref - test)^2))`` in dB."""
     acc = ErrorAccumulator()
