@@ -14,12 +14,12 @@ and ``all_lowered[p]``, everything at ``p``; and beside each metric the output e
 which adds up over groups when their errors are independent: the quantity a mixed-precision
 assignment is estimated with. Two methods fill them in:
 
-* ``method="estimate"`` (default): one probe pass (:mod:`qnnlib.local_error`) gives every group's
-  local error ``e[g, p]`` at its readers' outputs, and relative error is taken to carry through the
-  rest of the network unchanged: ``only_error[p] = e[g, p]``, ``all_but_error[p] = sum of e[h, p]``
+* ``method="estimate"`` (default): :mod:`qnnlib.optimize.estimate`: one probe pass gives every
+  group's local error ``e[g, p]`` at its readers' outputs, one perturbation run per group its gain
+  to the outputs, and ``only_error[p] = gain[g] * e[g, p]``, ``all_but_error[p] = sum of those``
   over ``h != g``, ``all_lowered_error[p] = sum over all h``; each metric is the SQNR
-  ``-10 log10(E)`` in dB. About ``3 + len(precisions)`` float passes in all, whatever the number of
-  groups; measured against ``"measure"`` on the benchmark models the estimate is within a small
+  ``-10 log10(E)`` in dB. About ``3 + len(precisions)`` float passes and one short run per group;
+  measured against ``"measure"`` on the benchmark models the estimate is within a small
   factor of the measured error (docs/sensitivity.md), and :func:`qnnlib.quantize` checks what it
   chooses from it by real runs.
 * ``method="measure"``: one simulation model (:mod:`qnnlib.emit.simulation`, weights as switchable
@@ -52,10 +52,10 @@ from qnnlib.errors import ConfigError
 from qnnlib.graph.edit import with_outputs
 from qnnlib.graph.index import GraphIndex, layer_macs
 from qnnlib.graph.model_io import ModelLike, make_session
-from qnnlib.local_error import build_perturbation, build_probe
 from qnnlib.numerics.metrics import sqnr_of_error
 from qnnlib.numerics.qtypes import qtype
-from qnnlib.optimize.error import output_error, region_outputs, signal_powers
+from qnnlib.optimize.error import output_error, region_outputs
+from qnnlib.optimize.estimate import estimate_errors
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.precision import BITS, fake_quantize_weight, group_params, owned_weights, weight_scales_at
 from qnnlib.prepare import PreparedModel, Timer, calibrated_plan, open_feeds, prepare
@@ -238,9 +238,6 @@ HOW = {"estimate": "estimated", "measure": "measured"}
 #: The report text's line on how estimates are made and how to get exact numbers.
 ESTIMATE_NOTE = ("  estimated: local errors times one gain per group, measured at int8 (least reliable at int4); "
                  "method='measure' runs every configuration")
-#: Samples each group's gain is measured on (``method="estimate"``): the first, on which its local
-#: error is also taken, so that the gain compares like with like.
-GAIN_SAMPLES = 1
 #: The precision each group's gain is measured at (``method="estimate"``).
 GAIN_PRECISION = "int8"
 
@@ -346,69 +343,26 @@ _Results = tuple[dict[int, dict[str, _Scores]], dict[int, dict[str, _Scores]], d
 
 def _estimate(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,
               precisions: Sequence[str], progress: bool | None) -> tuple[_Results, float]:
-    """Every entry from local errors (one probe pass, :mod:`qnnlib.local_error`) times each group's gain.
+    """Every entry from :func:`qnnlib.optimize.estimate.estimate_errors`, gains at :data:`GAIN_PRECISION`.
 
-    A group's *gain* is how its local error grows or shrinks on the way to the region outputs:
-    ``gain[g] = E[g] / e[g, int8]``, both on the first :data:`GAIN_SAMPLES` samples, where ``E[g]``
-    is the output error with only ``g`` at 8 bits, computed exactly by a run of the perturbation
-    model fed the probe's differences. It depends on the network after ``g`` more than on the precision,
-    so ``only_error[p] = gain[g] * e[g, p]``; ``all_but`` and ``all_lowered`` add these up.
+    ``only_error[p] = gain[g] * e[g, p]``; ``all_but`` and ``all_lowered`` add these up.
     Returns the results and one float pass over ``samples`` in seconds.
     """
-    points = region_outputs(float_model, configs.plan)
-    measured = with_outputs(float_model, points)
-    float_session = make_session(measured, log_errors_as="float model")
-    begin = time.perf_counter()
-    reference = [float_session.run(points, f) for f in samples]
-    float_pass = time.perf_counter() - begin
-    probe = build_probe(float_model, configs.plan, params=configs.params, weights=configs.dequantised,
-                        owned=configs.owned, points=points, differences_at=(GAIN_PRECISION,))
-    # no graph optimisation: measured to save more in building the session than it costs in 8 runs
-    session = make_session(probe.model, optimization="disable", log_errors_as="probe model")
-    scalars = probe.outputs
-    gain_samples = samples[:GAIN_SAMPLES]
-    wanted = [d for g in gids for d, _ in probe.diffs.get((g, GAIN_PRECISION), ())]
-    runs, differences = [], []
-    for i, f in enumerate(samples):
-        names = scalars + wanted if i < len(gain_samples) else scalars
-        values = dict(zip(names, session.run(names, f), strict=True))
-        runs.append(values)
-        if i < len(gain_samples):
-            differences.append({d: values[d] for d in wanted})
-    del session
-    local = probe.local_errors(runs)
-    local_on_gain_samples = probe.local_errors(runs[:len(gain_samples)])
-    perturbation = build_perturbation(measured, probe.perturbed)
-    perturbed = make_session(perturbation.model, log_errors_as="perturbation model")
-    zeros = dict.fromkeys(perturbation.inputs.values(), np.zeros((), np.float32))  # broadcast by Add
-    reference_on_gain_samples = reference[:len(gain_samples)]
-    signals = signal_powers(reference_on_gain_samples)
-    gains: dict[int, float] = {}
-    bar = Progress(len(gids), "sensitivity", enabled=progress)
-    try:
-        for g in gids:
-            at = local_on_gain_samples.get((g, GAIN_PRECISION), 0.0)
-            if at > 0:
-                got = []
-                for k, f in enumerate(gain_samples):
-                    deltas = {perturbation.inputs[t]: differences[k][d] for d, t in probe.diffs[(g, GAIN_PRECISION)]}
-                    got.append(perturbed.run(points, {**f, **zeros, **deltas}))
-                gains[g] = output_error(reference_on_gain_samples, got, signals) / at
-            bar.advance()
-    finally:
-        bar.close()
+    estimate = estimate_errors(float_model, configs.plan, samples, params=configs.params,
+                               weights=configs.dequantised, owned=configs.owned, gids=gids,
+                               gain_at=GAIN_PRECISION, progress=progress)
     only: dict[int, dict[str, _Scores]] = {g: {} for g in gids}
     all_but: dict[int, dict[str, _Scores]] = {g: {} for g in gids}
     all_lowered: dict[str, _Scores] = {}
     for p in precisions:
-        errors = {g: gains.get(g, 1.0) * local.get((g, p), 0.0) for g in gids}
+        errors = {g: estimate.output_error(g, p) for g in gids}
         total = sum(errors.values())
         all_lowered[p] = (sqnr_of_error(total), total)
         for g in gids:
             rest = total - errors[g]
             only[g][p] = (sqnr_of_error(errors[g]), errors[g])
             all_but[g][p] = (sqnr_of_error(rest), rest)
-    return (only, all_but, all_lowered), float_pass
+    return (only, all_but, all_lowered), estimate.float_pass
 
 
 def _measure(float_model: onnx.ModelProto, configs: _Configurations, gids: list[int], samples: list[Feed], *,
