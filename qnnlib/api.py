@@ -52,14 +52,15 @@ REUSED_VALIDATION = 16
 
 
 def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
-             config: QuantConfig | None = None) -> QuantResult:
+             config: QuantConfig | None = None, progress: bool | None = None) -> QuantResult:
     """Quantise a float ONNX model to an int8 QDQ model that onnxruntime runs on integer kernels.
 
     ``model``: a path, bytes or ``onnx.ModelProto`` (never modified). ``calib``: calibration data
     (see :mod:`qnnlib.calibration.feeds` for the accepted forms) or None to generate inputs.
     ``validation``: data (same forms) on which ``config.threshold`` is checked; without it a part of
-    the calibration data is held back. Returns a :class:`QuantResult` with ``.model``, ``.report``,
-    ``.plan``, ``.save()``, ``.session()``.
+    the calibration data is held back. ``progress``: progress bars on stderr for the long steps (range
+    search, ranking groups by harm, sensitivity analysis); None draws them when stderr is a terminal.
+    Returns a :class:`QuantResult` with ``.model``, ``.report``, ``.plan``, ``.save()``, ``.session()``.
     """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
@@ -96,20 +97,21 @@ def quantize(model: ModelLike, calib: Any = None, *, validation: Any = None,
         if config.optimizing and (outcome is None or not outcome.met or config.optimize):
             with timer("optimize"):
                 plan, ranges, corrections = _optimize(m, plan, stats, list(feeds.take(config.optimize_samples)),
-                                                      config)
+                                                      config, progress=progress)
                 emitted = emit_qdq(m.float_model, plan)
         mixed = None
         if evaluator is not None and outcome is not None:
             searched, mixed = _search(m, config, stats, plan, emitted, ranges=ranges, corrections=corrections,
-                                      timer=timer,
-                                      evaluator=evaluator, calibrated=outcome, samples=samples, feeds=feeds)
+                                      timer=timer, evaluator=evaluator, calibrated=outcome, samples=samples,
+                                      feeds=feeds, progress=progress)
             if searched is not outcome:
                 plan, emitted = searched.plan, searched.emitted
             outcome = searched
         elif config.mixed:  # a point by cost, no threshold
             with timer("mixed precision"):
                 mixed = _mixed(m, config, stats, plan, corrections, evaluator=None,
-                               samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation)
+                               samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation,
+                               progress=progress)
             plan, emitted = mixed.outcome.plan, mixed.outcome.emitted
         with timer("verify"):
             _check_emitted(emitted.model)
@@ -145,14 +147,16 @@ def _check_emitted(model: onnx.ModelProto) -> None:
 
 
 def _optimize(m: PreparedModel, plan: QuantPlan, stats: CalibrationStats, samples: list[Feed],
-              config: QuantConfig) -> tuple[QuantPlan, dict[int, RangeChoice], dict[str, np.ndarray]]:
+              config: QuantConfig, *,
+              progress: bool | None) -> tuple[QuantPlan, dict[int, RangeChoice], dict[str, np.ndarray]]:
     """Search ranges and rebuild the plan on them, with weight clipping and bias correction.
 
     Ranges are judged by the error at their readers; bias correction (:mod:`qnnlib.optimize.bias`)
     is measured on the plan with the chosen ranges and clipped weights.
     """
     ranges = optimize_ranges(m.float_model, plan, stats.extremes, samples, objective=config.objective,
-                             symmetric=config.activation_symmetric, power_of_two=config.power_of_two_scales)
+                             symmetric=config.activation_symmetric, power_of_two=config.power_of_two_scales,
+                             progress=progress)
     choices = {gid: GroupChoice(range=c.range) for gid, c in ranges.items() if c.after < c.before}
     plan = build_plan(m.index, m.selection, m.groups, stats.ranges, config, choices=choices)
     corrections = bias_corrections(m.float_model, plan, samples)
@@ -175,7 +179,7 @@ def _validation(given: FeedSource | None, feeds: FeedSource) -> tuple[list[Feed]
 
 def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges: Mapping[int, RangeChoice],
           corrections: Mapping[str, np.ndarray], *, initial: tuple[QuantPlan, Emitted], evaluator: Evaluator,
-          samples: list[Feed]) -> Outcome:
+          samples: list[Feed], progress: bool | None) -> Outcome:
     """Raise the most harmful tied groups until the threshold is met on ``samples``."""
     assert config.threshold is not None
     wide = WIDER[config.activation_type]
@@ -212,13 +216,14 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
     levels = [p for p in config.precisions if p != "int8"]
     ranking = samples[:HARM_SAMPLES]
     return meet_threshold(evaluator, initial, build,
-                          lambda plan: group_harm(m.float_model, plan, raised_params(plan), ranking), levels)
+                          lambda plan: group_harm(m.float_model, plan, raised_params(plan), ranking, progress=progress),
+                          levels)
 
 
 def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan: QuantPlan, emitted: Emitted, *,
             ranges: Mapping[int, RangeChoice], corrections: Mapping[str, np.ndarray], timer: Timer,
-            evaluator: Evaluator, calibrated: Outcome, samples: list[Feed],
-            feeds: FeedSource) -> tuple[Outcome, MixedOutcome | None]:
+            evaluator: Evaluator, calibrated: Outcome, samples: list[Feed], feeds: FeedSource,
+            progress: bool | None) -> tuple[Outcome, MixedOutcome | None]:
     """Meet the threshold: by mixed precision when ``"int4"`` is allowed, else by raising groups.
 
     ``calibrated`` is the measured outcome of ``plan`` as it is; it is kept when it meets the
@@ -227,14 +232,15 @@ def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan
     if config.mixed:
         with timer("mixed precision"):
             mixed = _mixed(m, config, stats, plan, corrections, evaluator=evaluator,
-                           samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation)
+                           samples=list(feeds.take(SENSITIVITY_SAMPLES)), generation=feeds.generation,
+                           progress=progress)
         mixed.outcome.initial_value = calibrated.value
         return mixed.outcome, mixed
     if not ranges and calibrated.met:
         return calibrated, None
     with timer("threshold"):
         outcome = _meet(m, config, stats, ranges, corrections, initial=(plan, emitted), evaluator=evaluator,
-                        samples=samples)
+                        samples=samples, progress=progress)
     outcome.initial_value = calibrated.value  # what the calibrated int8 model reached
     outcome.steps[:0] = calibrated.steps
     return outcome, None
@@ -242,14 +248,15 @@ def _search(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan
 
 def _mixed(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, plan: QuantPlan,
            corrections: Mapping[str, np.ndarray], *, evaluator: Evaluator | None, samples: list[Feed],
-           generation: tuple[str, ...] | None) -> MixedOutcome:
+           generation: tuple[str, ...] | None, progress: bool | None) -> MixedOutcome:
     """A precision per tied group, from the accuracy/cost curve.
 
     The cheapest point that meets the threshold within the cost limits, or without a threshold
     (``evaluator`` None) the most accurate point within them.
     """
     analysed = tuple(p for p in config.precisions if p != FLOAT)
-    report = analyse_plan(m, plan, stats, samples, config=config, precisions=analysed, generation=generation)
+    report = analyse_plan(m, plan, stats, samples, config=config, precisions=analysed, generation=generation,
+                          progress=progress)
 
     def build(precisions: Mapping[int, str]) -> tuple[QuantPlan, Emitted]:
         candidate = plan_with_precisions(m, plan, stats, config, precisions, corrections=corrections)

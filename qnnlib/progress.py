@@ -22,6 +22,7 @@ class Progress:
         self.done = 0
         self._drawn = 0.0
         self._start = time.perf_counter()
+        self._longest = 0
 
     def advance(self, steps: int = 1) -> None:
         """Count ``steps`` more done; redraw at most every :data:`REDRAW_SECONDS`."""
@@ -29,10 +30,22 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and (now - self._drawn >= REDRAW_SECONDS or self.done >= self.total):
             self._drawn = now
-            filled = WIDTH * min(self.done, self.total) // self.total
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (WIDTH - filled)}] "
-                              f"{self.done}/{self.total} {now - self._start:.0f}s")
+            text = self.line(now - self._start)
+            self._longest = max(self._longest, len(text))
+            self.stream.write("\r" + text.ljust(self._longest))  # a shorter line covers the longer one
             self.stream.flush()
+
+    def line(self, elapsed: float) -> str:
+        """The bar after ``elapsed`` seconds, with the time left while unfinished.
+
+        Time left at the rate so far: ``elapsed * (total - done) / done``.
+        """
+        done = min(self.done, self.total)
+        filled = WIDTH * done // self.total
+        text = f"{self.label} [{'#' * filled}{'.' * (WIDTH - filled)}] {done}/{self.total} {elapsed:.0f}s"
+        if 0 < done < self.total:
+            text += f", about {elapsed * (self.total - done) / done:.0f}s left"
+        return text
 
     def close(self) -> None:
         """End the bar's line."""

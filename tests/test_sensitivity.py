@@ -125,6 +125,14 @@ def test_progress_bar_draws_only_when_enabled() -> None:
     assert "3/3" in stream.getvalue()
 
 
+def test_progress_bar_says_the_time_left_at_the_rate_so_far() -> None:
+    bar = Progress(4, "work", enabled=False)
+    bar.done = 1
+    assert bar.line(10.0) == f"work [{'#' * 7}{'.' * 23}] 1/4 10s, about 30s left"
+    bar.done = 4
+    assert bar.line(40.0) == f"work [{'#' * 30}] 4/4 40s"  # finished: no time left shown
+
+
 def test_the_assignment_keeps_the_fragile_group_precise() -> None:
     model = fragile_model()
     report = qnnlib.analyze_sensitivity(model, builders.calibration(model, 16), precisions=("int4", "int8"))

@@ -131,19 +131,32 @@ def test_raising_order_weighs_harm_by_the_compute_layers_a_raise_costs() -> None
     assert raising_order(plan, {0: 0.05, 1: 0.3, 2: 0.35, 3: 0.0}) == [2, 1, 0, 3]
 
 
-def test_group_harm_finds_the_group_that_hurts() -> None:
+def test_group_harm_finds_the_group_that_hurts(capsys: pytest.CaptureFixture[str]) -> None:
     model = outlier_model()
     calib = builders.calibration(model, 8)
     plan = qnnlib.quantize(model, calib, config=qnnlib.QuantConfig(method="minmax")).plan
     wide = {g.id: ActivationParams("uint16", g.params.scale / 256, g.params.zero_point * 256, g.params.range)
             for g in plan.groups}
-    harm = group_harm(model, plan, wide, calib[:4])
+    capsys.readouterr()
+    harm = group_harm(model, plan, wide, calib[:4], progress=True)
+    assert f"ranking groups by harm [{'#' * 30}] {len(wide)}/{len(wide)}" in capsys.readouterr().err
     relu = next(layer for layer in plan.layers if layer.op_type == "Relu")
     relu_group = plan.group_of(relu.outputs[0])
     assert relu_group is not None
     # the min-max Relu range is stretched by the outlier channel: raising it removes most of the error
     assert max(harm, key=lambda g: harm[g]) == relu_group.id
     assert harm[relu_group.id] > 0.5 and all(h <= 1.0 for h in harm.values())
+
+
+def test_progress_bars_of_the_long_steps_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    model = builders.conv_net()
+    calib = builders.calibration(model, 8)
+    config = qnnlib.QuantConfig(optimize=True)
+    capsys.readouterr()
+    qnnlib.quantize(model, calib, config=config, progress=False)
+    assert capsys.readouterr().err == ""  # pytest's captured stderr is no terminal either
+    qnnlib.quantize(model, calib, config=config, progress=True)
+    assert "range search [" in capsys.readouterr().err
 
 
 def test_eval_fn_path() -> None:

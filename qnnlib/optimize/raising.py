@@ -49,6 +49,7 @@ from qnnlib.graph.model_io import make_session
 from qnnlib.optimize.error import output_error, region_outputs
 from qnnlib.plan import ActivationParams, QuantPlan
 from qnnlib.precision import weight_scales_at
+from qnnlib.progress import Progress
 from qnnlib.threshold import Threshold, output_metric
 
 log = logging.getLogger(__name__)
@@ -160,12 +161,13 @@ class Evaluator:
 
 
 def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, raised: Mapping[int, ActivationParams],
-               feeds: Sequence[Feed]) -> dict[int, float]:
+               feeds: Sequence[Feed], *, progress: bool | None = None) -> dict[int, float]:
     """Each group's share ``(E - E_g) / E`` of the output error that raising it alone removes.
 
     ``raised`` gives, per candidate group, its parameters when raised; the weights of the layers
     that read or write it go to 16 bits with it, as in the candidate models. E is measured on
     ``feeds`` with the simulation model of ``plan``, at :func:`~qnnlib.optimize.error.region_outputs`.
+    ``progress``: a bar per group (:class:`~qnnlib.progress.Progress`; None: on a terminal).
     """
     if not raised or not feeds:
         return {}
@@ -193,8 +195,15 @@ def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, raised: Mapping[in
     base = error(params, planned)
     if base <= 0:
         return dict.fromkeys(raised, 0.0)
-    return {gid: (base - error({**params, gid: p}, {**planned, **wide_weights(gid)})) / base
-            for gid, p in raised.items()}
+    harm: dict[int, float] = {}
+    bar = Progress(len(raised), "ranking groups by harm", enabled=progress)
+    try:
+        for gid, p in raised.items():
+            harm[gid] = (base - error({**params, gid: p}, {**planned, **wide_weights(gid)})) / base
+            bar.advance()
+    finally:
+        bar.close()
+    return harm
 
 
 def unchanged(evaluator: Evaluator, plan: QuantPlan, emitted: Emitted) -> Outcome:

@@ -41,6 +41,7 @@ from qnnlib.graph.model_io import make_session
 from qnnlib.numerics import affine
 from qnnlib.numerics.qtypes import FLOAT, qtype
 from qnnlib.plan import SOFTMAX_SOURCE, ActivationParams, GroupPlan, QuantPlan
+from qnnlib.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,12 @@ class _Reader:
 
 def optimize_ranges(float_model: onnx.ModelProto, plan: QuantPlan, extremes: Mapping[str, tuple[float, float]],
                     feeds: Sequence[Feed], *, objective: str = "mse", symmetric: bool = False,
-                    power_of_two: bool = False,
-                    skip: frozenset[int] = frozenset()) -> dict[int, RangeChoice]:
+                    power_of_two: bool = False, skip: frozenset[int] = frozenset(),
+                    progress: bool | None = None) -> dict[int, RangeChoice]:
     """Layer-wise range search for every group of ``plan`` not in ``skip``; see the module docstring.
 
-    ``extremes`` are the observed ``(min, max)`` of calibrated tensors; ``feeds`` a few samples.
+    ``extremes`` are the observed ``(min, max)`` of calibrated tensors; ``feeds`` a few samples;
+    ``progress``: a bar per group searched (:class:`~qnnlib.progress.Progress`; None: on a terminal).
     """
     sim = build_simulation(float_model, plan)
     float_index = GraphIndex(float_model)
@@ -105,18 +107,24 @@ def optimize_ranges(float_model: onnx.ModelProto, plan: QuantPlan, extremes: Map
     params = {g.id: g.params for g in plan.groups}
     done: set[int] = set()
     choices: dict[int, RangeChoice] = {}
-    for start in range(0, len(todo), CHUNK):
-        chunk = todo[start:start + CHUNK]
-        names = sorted({n for g in chunk for r in readers[g.id] for n in (*r.members, *r.others)})
-        values = [dict(zip(names, sim_session.run(names, {**f, **sim.feeds(params, done)}), strict=True))
-                  for f in feeds]
-        for group in chunk:
-            local = _LocalModel(group, readers[group.id], sim, constants, objective=objective, symmetric=symmetric,
-                                power_of_two=power_of_two)
-            choice = _search(local, values, _extent(group, extremes))  # type: ignore[arg-type]
-            choices[group.id] = choice
-            params[group.id] = _params(group.params, choice.range, symmetric=symmetric, power_of_two=power_of_two)
-            done.add(group.id)
+    bar = Progress(len(todo), "range search", enabled=progress)
+    try:
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start:start + CHUNK]
+            names = sorted({n for g in chunk for r in readers[g.id] for n in (*r.members, *r.others)})
+            values = [dict(zip(names, sim_session.run(names, {**f, **sim.feeds(params, done)}), strict=True))
+                      for f in feeds]
+            for group in chunk:
+                local = _LocalModel(group, readers[group.id], sim, constants, objective=objective,
+                                    symmetric=symmetric, power_of_two=power_of_two)
+                choice = _search(local, values, _extent(group, extremes))  # type: ignore[arg-type]
+                choices[group.id] = choice
+                params[group.id] = _params(group.params, choice.range, symmetric=symmetric,
+                                           power_of_two=power_of_two)
+                done.add(group.id)
+                bar.advance()
+    finally:
+        bar.close()
     return choices
 
 
