@@ -34,9 +34,9 @@ from qnnlib.optimize.raising import (
     unchanged,
 )
 from qnnlib.optimize.ranges import RangeChoice, optimize_ranges
-from qnnlib.plan import ActivationParams, QuantPlan
+from qnnlib.plan import QuantPlan
 from qnnlib.planner import GroupChoice, build_plan
-from qnnlib.precision import extent, group_params, widened
+from qnnlib.precision import extent, widened
 from qnnlib.prepare import PreparedModel, Timer, calibrated_plan, open_feeds, prepare
 from qnnlib.reporting import Phases, build_report
 from qnnlib.result import QuantResult
@@ -199,24 +199,15 @@ def _meet(m: PreparedModel, config: QuantConfig, stats: CalibrationStats, ranges
                                float_layers=floats, wide_layers=wides, bias_corrections=corrections)
         return candidate, emit_qdq(m.float_model, candidate)
 
-    def raised_params(plan: QuantPlan) -> dict[int, ActivationParams]:
-        """Each quantised group's parameters at 16 bits over twice its observed extent (overrides stay)."""
-        params = {}
-        for g in plan.groups:
-            if g.params.source == "override":
-                continue
-            raised = group_params(g, "int16", activation_type=config.activation_type,
-                                  symmetric=config.activation_symmetric,
-                                  power_of_two=config.power_of_two_scales, extremes=stats.extremes,
-                                  low_bit_ranges={}, source="raised")
-            if raised is not None:
-                params[g.id] = raised
-        return params
+    def raisable(plan: QuantPlan) -> list[int]:
+        """Groups raising may take: quantised, not overridden, with an observed extent to widen."""
+        return [g.id for g in plan.groups if g.params.qtype != FLOAT and g.params.source != "override"
+                and extents.get(g.id) is not None]
 
     levels = [p for p in config.precisions if p != "int8"]
     ranking = samples[:HARM_SAMPLES]
     return meet_threshold(evaluator, initial, build,
-                          lambda plan: group_harm(m.float_model, plan, raised_params(plan), ranking, progress=progress),
+                          lambda plan: group_harm(m.float_model, plan, raisable(plan), ranking, progress=progress),
                           levels)
 
 

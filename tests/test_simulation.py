@@ -1,4 +1,4 @@
-"""The simulation model: quantisation points whose parameters are inputs, for activations and weights."""
+"""The simulation models: quantisation points whose parameters are inputs, or fixed and switchable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 import qnnlib
-from qnnlib.emit.simulation import build_simulation
+from qnnlib.emit.simulation import build_simulation, build_switched
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import load_model, make_session
 from qnnlib.graph.normalize import normalize
@@ -61,3 +61,34 @@ def test_one_weight_at_four_bits_is_that_weight_fake_quantised() -> None:
         got = session.run(None, {**f, **feeds})[0]
         np.testing.assert_allclose(got, reference.run(None, f)[0], rtol=1e-5, atol=1e-5)
         assert not np.allclose(got, make_session(normalized).run(None, f)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_switched_plan_matches_the_simulation_on_every_switch() -> None:
+    normalized, result, calib = _setup()
+    plan = result.plan
+    switched = build_switched(normalized, plan)
+    assert set(switched.groups) == {g.id for g in plan.groups if g.params.qtype != "float"}
+    assert set(switched.weights) == {(w.node, w.input_index) for w in plan.weights if w.kind == "weight"}
+    sim = build_simulation(normalized, plan)  # the plan's weights and biases as constants
+    session, sim_session = make_session(switched.model), make_session(sim.model, optimization="basic")
+    params = {g.id: g.params for g in plan.groups}
+    some = sorted(switched.groups)[1]
+    for f in calib[:2]:
+        # everything quantised as planned; then one group in float
+        np.testing.assert_allclose(session.run(None, {**f, **switched.feeds()})[0],
+                                   sim_session.run(None, {**f, **sim.feeds(params, set(params))})[0],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(session.run(None, {**f, **switched.feeds(off_groups={some})})[0],
+                                   sim_session.run(None, {**f, **sim.feeds(params, set(params) - {some})})[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_switched_plan_all_off_is_the_float_model_with_planned_biases() -> None:
+    normalized, result, calib = _setup()
+    switched = build_switched(normalized, result.plan)
+    session, float_session = make_session(switched.model), make_session(normalized)
+    off = switched.feeds(off_groups=set(switched.groups), off_weights=set(switched.weights))
+    for f in calib[:2]:
+        got, want = session.run(None, {**f, **off})[0], float_session.run(None, f)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # biases rounded to int32 at s_in * s_w
+        assert not np.allclose(session.run(None, {**f, **switched.feeds()})[0], want, rtol=1e-4, atol=1e-4)

@@ -6,16 +6,17 @@ output together (the first design) paid for two or three groups where one did th
 
 1. The candidate model (onnxruntime, fused integer kernels) runs on the validation samples; if the
    threshold's metric is met, nothing more is done.
-2. Otherwise each group's harm is measured end to end, leave one out, on the simulation model
-   (:mod:`qnnlib.emit.simulation`, one session, parameters as inputs): with every group and
-   weight quantised as planned, the output error is
+2. Otherwise each group's harm is measured end to end, leave one out, on the plan's switchable
+   model (:func:`qnnlib.emit.simulation.build_switched`, one session, a float/quantised switch per
+   group and weight as inputs): with every group and weight quantised as planned, the output error is
 
        E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (summed over samples)
 
    taken where the quantised region hands over to a float tail (:mod:`qnnlib.optimize.error`:
    logits rather than Softmax probabilities), and a group's harm is ``(E - E_g) / E``, the share
-   of E that goes away when that group alone is raised to 16 bits (over twice its observed
-   extent) together with the weights of the layers that read or write it, as in the candidates.
+   of E that goes away when that group alone is switched to float together with the weights of
+   the layers that read or write it: what raising them to 16 bits does in the candidates, less
+   a 16-bit rounding some 40 dB below the 8-bit one.
    Downstream gain, tied readers and weight error are all in it, which a group's local noise is
    not.
 3. Groups are raised in order of harm per compute layer they take off integer kernels
@@ -33,22 +34,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
 
 from qnnlib.emit.qdq import Emitted
-from qnnlib.emit.simulation import build_simulation
+from qnnlib.emit.simulation import build_switched
 from qnnlib.fusion import COMPUTE_OPS
 from qnnlib.graph.edit import with_outputs
-from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.model_io import make_session
-from qnnlib.optimize.error import output_error, region_outputs
-from qnnlib.plan import ActivationParams, QuantPlan
-from qnnlib.precision import weight_scales_at
+from qnnlib.optimize.error import output_error, region_outputs, signal_powers
+from qnnlib.plan import QuantPlan
 from qnnlib.progress import Progress
 from qnnlib.threshold import Threshold, output_metric
 
@@ -160,46 +158,38 @@ class Evaluator:
         return a > b if self.threshold.eval_fn is not None else self.threshold.better(a, b)
 
 
-def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, raised: Mapping[int, ActivationParams],
+def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collection[int],
                feeds: Sequence[Feed], *, progress: bool | None = None) -> dict[int, float]:
-    """Each group's share ``(E - E_g) / E`` of the output error that raising it alone removes.
+    """Each candidate group's share ``(E - E_g) / E`` of the output error that raising it alone removes.
 
-    ``raised`` gives, per candidate group, its parameters when raised; the weights of the layers
-    that read or write it go to 16 bits with it, as in the candidate models. E is measured on
-    ``feeds`` with the simulation model of ``plan``, at :func:`~qnnlib.optimize.error.region_outputs`.
-    ``progress``: a bar per group (:class:`~qnnlib.progress.Progress`; None: on a terminal).
+    ``E`` is measured on ``feeds`` at :func:`~qnnlib.optimize.error.region_outputs` with the plan's
+    switchable model (:func:`~qnnlib.emit.simulation.build_switched`) all on; ``E_g`` with ``g`` and
+    the weights of the layers that read or write it switched to float, which stands for raising
+    them to 16 bits. ``progress``: a bar per group (:class:`~qnnlib.progress.Progress`; None: on a terminal).
     """
-    if not raised or not feeds:
+    if not candidates or not feeds:
         return {}
     points = region_outputs(float_model, plan)
     measured = with_outputs(float_model, points)
-    sim = build_simulation(measured, plan, weight_switches=True)
-    session = make_session(sim.model, optimization="basic", log_errors_as="simulation model")
+    switched = build_switched(measured, plan)
+    session = make_session(switched.model, log_errors_as="simulation model")
     float_session = make_session(measured, log_errors_as="float model")
     reference = [float_session.run(points, f) for f in feeds]
-    index = GraphIndex(float_model)
-    planned = {(wp.node, wp.input_index): (np.asarray(wp.scales, np.float32), wp.qmax)
-               for wp in plan.weights if wp.kind == "weight"}
-    params = {g.id: g.params for g in plan.groups}
-    enabled = set(params)
+    signals = signal_powers(reference)
 
-    def wide_weights(gid: int) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
-        layers = raised_layers(plan, {gid: "int16"})
-        return {(wp.node, wp.input_index): weight_scales_at(wp, index.constant(wp.tensor), "int16")
-                for wp in plan.weights if wp.kind == "weight" and wp.node in layers}
+    def error(off_groups: Collection[int] = (), off_weights: Collection[tuple[str, int]] = ()) -> float:
+        switches = switched.feeds(off_groups, off_weights)
+        return output_error(reference, [session.run(points, {**f, **switches}) for f in feeds], signals)
 
-    def error(candidate: Mapping[int, ActivationParams], weights: Mapping[tuple[str, int], Any]) -> float:
-        switches = {**sim.feeds(candidate, enabled), **sim.weight_feeds(weights)}
-        return output_error(reference, [session.run(points, {**f, **switches}) for f in feeds])
-
-    base = error(params, planned)
+    base = error()
     if base <= 0:
-        return dict.fromkeys(raised, 0.0)
+        return dict.fromkeys(candidates, 0.0)
     harm: dict[int, float] = {}
-    bar = Progress(len(raised), "ranking groups by harm", enabled=progress)
+    bar = Progress(len(candidates), "ranking groups by harm", enabled=progress)
     try:
-        for gid, p in raised.items():
-            harm[gid] = (base - error({**params, gid: p}, {**planned, **wide_weights(gid)})) / base
+        for gid in candidates:
+            layers = raised_layers(plan, {gid: "int16"})
+            harm[gid] = (base - error({gid}, {key for key in switched.weights if key[0] in layers})) / base
             bar.advance()
     finally:
         bar.close()
