@@ -21,7 +21,7 @@ precision's).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qnnlib.emit.qdq import CONTRIB_DOMAIN
-from qnnlib.graph.edit import replace_nodes
+from qnnlib.graph.edit import ensure_opset, replace_nodes
 from qnnlib.graph.index import GraphIndex
 from qnnlib.graph.names import NameAllocator
 from qnnlib.numerics import affine
@@ -106,16 +106,10 @@ def build_simulation(model: onnx.ModelProto, plan: QuantPlan, *, weight_switches
             weight_inputs[key], weight_shapes[key] = params, shape
     else:
         _dequantised_weights(out, index, plan, names)
-    simulated = _activation_points(out, index, plan, inputs, names, head=head, after=after)
-    for node in out.graph.node:
-        for i, name in enumerate(node.input):
-            if name in simulated:
-                node.input[i] = simulated[name]
-    nodes = list(head)
-    for node in index.nodes:
-        nodes.append(node)
-        nodes.extend(after.get(id(node), ()))
-    replace_nodes(out, nodes)
+    simulated = _activation_points(out, index, plan.groups,
+                                   lambda g, t, result: fake_quant_nodes(t, inputs[g.id], names.fresh, result=result),
+                                   names, head=head, after=after)
+    _assemble(out, index, simulated, head, after)
     if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in out.opset_import):
         raise ValueError("the simulation model needs opset 13 or later (Round, Clip with inputs)")
     return Simulation(out, inputs, simulated, weight_inputs, weight_shapes)
@@ -133,17 +127,21 @@ def _parameter_inputs(model: onnx.ModelProto, names: NameAllocator, prefix: str,
     return params
 
 
-def _activation_points(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan,
-                       inputs: Mapping[int, tuple[str, str, str, str, str]], names: NameAllocator, *,
-                       head: list[onnx.NodeProto], after: dict[int, list[onnx.NodeProto]]) -> dict[str, str]:
-    """Make every quantised member a quantisation point; return each member's simulated name.
+#: Writes one quantisation point: ``(group, tensor read, result name or None for a fresh one) -> (nodes, result)``.
+PointMaker = Callable[[GroupPlan, str, str | None], tuple[list[onnx.NodeProto], str]]
+
+
+def _activation_points(model: onnx.ModelProto, index: GraphIndex, groups: Iterable[GroupPlan], point: PointMaker,
+                       names: NameAllocator, *, head: list[onnx.NodeProto],
+                       after: dict[int, list[onnx.NodeProto]]) -> dict[str, str]:
+    """Make every member of ``groups`` a quantisation point written by ``point``; return each member's simulated name.
 
     A point's nodes go to ``head`` when the member has no producer (a model input, a constant), else
     to ``after[id(producer)]``.
     """
     outputs = {o.name for o in model.graph.output}
     simulated: dict[str, str] = {}
-    for group in plan.groups:
+    for group in groups:
         for member in group.members:
             producer = index.producer(member)
             if producer is None and member not in index.graph_inputs and not index.is_constant(member):
@@ -152,11 +150,23 @@ def _activation_points(model: onnx.ModelProto, index: GraphIndex, plan: QuantPla
                 # a graph output keeps its name and carries the simulated value, as in the QDQ model
                 raw = names.fresh(f"{member}_float")
                 producer.output[list(producer.output).index(member)] = raw
-                chain, simulated[member] = fake_quant_nodes(raw, inputs[group.id], names.fresh, result=member)
+                chain, simulated[member] = point(group, raw, member)
             else:
-                chain, simulated[member] = fake_quant_nodes(member, inputs[group.id], names.fresh)
+                chain, simulated[member] = point(group, member, None)
             (after.setdefault(id(producer), []) if producer is not None else head).extend(chain)
     return simulated
+
+
+def _assemble(model: onnx.ModelProto, index: GraphIndex, simulated: Mapping[str, str], head: list[onnx.NodeProto],
+              after: Mapping[int, list[onnx.NodeProto]]) -> None:
+    """Point every reader of a member at its simulated name; order ``head``, then each node and its points."""
+    for node in index.nodes:
+        node.input[:] = [simulated.get(name, name) for name in node.input]
+    nodes = list(head)
+    for node in index.nodes:
+        nodes.append(node)
+        nodes.extend(after.get(id(node), ()))
+    replace_nodes(model, nodes)
 
 
 def fake_quant_nodes(tensor: str, params: Sequence[str], fresh: Callable[[str], str],
@@ -236,7 +246,6 @@ def dequantised_weight(value: np.ndarray, wp: WeightPlan) -> np.ndarray:
     return affine.dequantize(q, shaped, 0, axis)
 
 
-
 @dataclass(frozen=True)
 class SwitchedPlan:
     """The plan's quantisation with one on/off input per group and per weight (see :func:`build_switched`)."""
@@ -270,37 +279,19 @@ def build_switched(model: onnx.ModelProto, plan: QuantPlan) -> SwitchedPlan:
     names = NameAllocator(out)
     head: list[onnx.NodeProto] = []
     weights = _switched_weights(out, index, plan, names, head)
+    quantised = [g for g in plan.groups if g.params.qtype != FLOAT]
+    groups = {g.id: _switch_input(out, names, f"qnnlib_switch_g{g.id}") for g in quantised}
+    quantise = {g.id: _quantise(out, names, g) for g in quantised}
+
+    def point(group: GroupPlan, tensor: str, result: str | None) -> tuple[list[onnx.NodeProto], str]:
+        chain, dq = quantise[group.id](tensor)
+        result = result if result is not None else names.fresh(f"{tensor}_switched")
+        return [_if(groups[group.id], chain, dq, tensor, result=result, names=names)], result
+
     after: dict[int, list[onnx.NodeProto]] = {}
-    groups: dict[int, str] = {}
-    simulated: dict[str, str] = {}
-    outputs = {o.name for o in out.graph.output}
-    for group in plan.groups:
-        if group.params.qtype == FLOAT:
-            continue
-        groups[group.id] = _switch_input(out, names, f"qnnlib_switch_g{group.id}")
-        quantise = _quantise(out, names, group)
-        for member in group.members:
-            producer = index.producer(member)
-            if producer is None and member not in index.graph_inputs and not index.is_constant(member):
-                continue
-            source, result = member, names.fresh(f"{member}_switched")
-            if producer is not None and member in outputs:  # a graph output keeps its name, as in the QDQ model
-                source, result = names.fresh(f"{member}_float"), member
-                producer.output[list(producer.output).index(member)] = source
-            else:
-                simulated[member] = result
-            chain, quantised = quantise(source)
-            node = _if(groups[group.id], chain, quantised, source, result=result, names=names)
-            (after.setdefault(id(producer), []) if producer is not None else head).append(node)
-    for node in index.nodes:
-        node.input[:] = [simulated.get(name, name) for name in node.input]
-    ordered = list(head)
-    for node in index.nodes:
-        ordered.append(node)
-        ordered.extend(after.get(id(node), ()))
-    replace_nodes(out, ordered)
-    if not any(o.domain == CONTRIB_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    simulated = _activation_points(out, index, quantised, point, names, head=head, after=after)
+    _assemble(out, index, simulated, head, after)
+    ensure_opset(out, CONTRIB_DOMAIN)
     return SwitchedPlan(out, groups, weights)
 
 
