@@ -266,12 +266,13 @@ def build_switched(model: onnx.ModelProto, plan: QuantPlan) -> SwitchedPlan:
     Every quantised member ``t`` of group ``g`` is read as ``If(on_g, DQ(Q(t)), t)``, with the group's
     planned scale and zero point as constants: onnxruntime's own QuantizeLinear and DequantizeLinear
     round, as in the QDQ model. Every planned weight is ``If(on_w, W_planned, W)`` between two
-    constants, its dequantised planned value and its float value; biases are their planned
-    (corrected, int32-rounded) values. ``on_*`` are bool scalar inputs. ``If`` runs one branch, so a
-    point costs its Q/DQ pair and little more: about a quarter of a :func:`build_simulation` run
-    with weight switches on the PP-OCRv5 recogniser, whose ``Where`` and six-op rounding chain
-    dominate. Switching a point off stands for raising it: 16 bits over twice the observed extent
-    round about 128 times finer than 8 bits, some 40 dB below.
+    constants, its dequantised planned value and its float value; its layer's bias switches with it,
+    between its planned (corrected, int32-rounded) value and its float value. ``on_*`` are bool
+    scalar inputs. ``If`` runs one branch, so a point costs its Q/DQ pair and little more: about a
+    quarter of a :func:`build_simulation` run with weight switches on the PP-OCRv5 recogniser,
+    whose ``Where`` and six-op rounding chain dominate. Switching a point off stands for raising
+    it: 16 bits over twice the observed extent round about 128 times finer than 8 bits, some 40 dB
+    below; a layer raised or kept float loses its 8-bit bias correction, and so does a switched-off one.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -344,19 +345,28 @@ def _quantise(model: onnx.ModelProto, names: NameAllocator,
 
 def _switched_weights(model: onnx.ModelProto, index: GraphIndex, plan: QuantPlan, names: NameAllocator,
                       head: list[onnx.NodeProto]) -> dict[WeightKey, str]:
-    """Replace each planned weight input by its switch (its nodes appended to ``head``) and each bias by its value."""
+    """Replace each planned weight input by its switch (its nodes appended to ``head``).
+
+    A bias follows its layer's weight switch: off, the layer's bias is the float one, as a layer
+    raised to 16 bits or kept float gets no 8-bit bias correction (:func:`qnnlib.planner.build_plan`).
+    A bias whose layer has no planned weight is its planned value.
+    """
     nodes = {n.name: n for n in index.nodes}
     switches: dict[WeightKey, str] = {}
-    for wp in plan.weights:
+    by_node: dict[str, str] = {}
+    ordered = sorted(plan.weights, key=lambda wp: wp.kind != "weight")  # weights first: biases read their switch
+    for wp in ordered:
         planned = _constant(model, names, f"{wp.tensor}_planned", dequantised_weight(index.constant(wp.tensor), wp))
-        if wp.kind != "weight":
+        if wp.kind == "weight":
+            key = (wp.node, wp.input_index)
+            switches[key] = by_node[wp.node] = _switch_input(
+                model, names, f"qnnlib_switch_w_{wp.node}_{wp.input_index}")
+        elif wp.node not in by_node:
             nodes[wp.node].input[wp.input_index] = planned
             continue
-        key = (wp.node, wp.input_index)
-        switches[key] = _switch_input(model, names, f"qnnlib_switch_w_{wp.node}_{wp.input_index}")
         chosen = names.fresh(f"{wp.tensor}_switched")
         copy = names.fresh(f"{planned}_copy")
         then = [helper.make_node("Identity", [planned], [copy], name=names.fresh(f"{copy}_node"))]
-        head.append(_if(switches[key], then, copy, wp.tensor, result=chosen, names=names))
+        head.append(_if(by_node[wp.node], then, copy, wp.tensor, result=chosen, names=names))
         nodes[wp.node].input[wp.input_index] = chosen
     return switches
