@@ -61,6 +61,8 @@ INT8_RUNS = {  # label: (tool, method)
 }
 OPTIMIZED = "qnnlib optimized"
 THRESHOLD, RAISING, ACCURACY_CONTROL = "qnnlib threshold", "qnnlib raising only", "nncf accuracy-control"
+#: The threshold with ``precisions=("int8", "float")``: raised groups go to float, as NNCF reverts layers.
+FLOAT_RAISING = "qnnlib thr. float"
 PEERS_INT8 = ("ort minmax", "ort entropy", "ort percentile", "nncf")
 
 
@@ -105,7 +107,8 @@ def run_aware(tool: str, task: Task, out: Path, max_drop: float, timeout: float)
 
 
 # -- one model ------------------------------------------------------------------------------------
-def bench_model(name: str, work: Path, drops: list[float], timeout: float, with_nncf: bool) -> dict[str, Any]:
+def bench_model(name: str, work: Path, drops: list[float], timeout: float, with_nncf: bool, *,
+                float_raising: bool = False) -> dict[str, Any]:
     task = build_task(name)
     calib_dir = write_calib(task, work / name / "calib", CALIB)
     row: dict[str, Any] = {"model": name, "metric": task.metric_name, "higher_is_better": task.higher_is_better,
@@ -119,6 +122,8 @@ def bench_model(name: str, work: Path, drops: list[float], timeout: float, with_
     for drop in drops:
         aware.append((f"{THRESHOLD} {drop}", "qnnlib-threshold", drop))
         aware.append((f"{RAISING} {drop}", "qnnlib-raise", drop))
+        if float_raising:
+            aware.append((f"{FLOAT_RAISING} {drop}", "qnnlib-threshold-float", drop))
         if with_nncf:
             aware.append((f"{ACCURACY_CONTROL} {drop}", "nncf-ac", drop))
     for label, tool, drop in aware:
@@ -166,7 +171,7 @@ def verdicts(row: dict[str, Any]) -> list[str]:
                      f"{runs[best]['held_out']:.3f} / {runs[best]['sqnr_db']:.1f} dB: {verdict}")
     for drop in row["drops"]:
         theirs = runs.get(f"{ACCURACY_CONTROL} {drop}", {})
-        for label in (THRESHOLD, RAISING):
+        for label in (THRESHOLD, RAISING, FLOAT_RAISING):
             mine = runs.get(f"{label} {drop}", {})
             if "held_out" not in mine or "held_out" not in theirs:
                 continue
@@ -174,14 +179,15 @@ def verdicts(row: dict[str, Any]) -> list[str]:
             lines.append(f"  drop {drop}, {label}: met={mine['met']} with {mine['above_int8']} layers above int8 "
                          f"in {mine['time']:.1f} s; NNCF met={theirs['met']} with {theirs['above_int8']} in "
                          f"{theirs['time']:.1f} s -> {'fewer' if fewer else 'NOT fewer'} layers, time ratio "
-                         f"{mine['time'] / theirs['time']:.2f}")
+                         f"{mine['time'] / theirs['time']:.2f}, latency ratio "
+                         f"{mine['latency_ms'] / theirs['latency_ms']:.2f}")
     return lines
 
 
 def fmt(row: dict[str, Any]) -> str:
     lines = [f"== {row['model']} (metric {row['metric']} on {row['held_out']} held-out inputs, against float; "
              f"float latency {row['float_latency_ms']:.2f} ms)",
-             f"{'':30}{row['metric']:>11}{'SQNR':>7}{'ms':>8}{'time s':>8}{'>int8':>7}{'met':>5}{'val':>7}"]
+             f"{'':30}{row['metric']:>11}{'SQNR':>7}{'ms':>8}{'MB':>7}{'time s':>8}{'>int8':>7}{'met':>5}{'val':>7}"]
     for label, stats in row["runs"].items():
         if "error" in stats:
             lines.append(f"{label:30} failed: {stats['error']}")
@@ -189,7 +195,7 @@ def fmt(row: dict[str, Any]) -> str:
         met = "" if "met" not in stats else ("yes" if stats["met"] else "no")
         val = "" if stats.get("validation_score") is None else f"{stats['validation_score']:.3f}"
         lines.append(f"{label:30}{stats['held_out']:>11.3f}{stats['sqnr_db']:>7.1f}{stats['latency_ms']:>8.2f}"
-                     f"{stats['time']:>8.1f}{stats['above_int8']:>7}{met:>5}{val:>7}")
+                     f"{stats['mb']:>7.2f}{stats['time']:>8.1f}{stats['above_int8']:>7}{met:>5}{val:>7}")
     return "\n".join(lines + verdicts(row))
 
 
@@ -199,6 +205,8 @@ def main() -> None:
     parser.add_argument("--max-drop", default="0.02", help="allowed drops, comma-separated")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per accuracy-aware run")
     parser.add_argument("--no-nncf", action="store_true")
+    parser.add_argument("--float-raising", action="store_true",
+                        help='also the threshold with precisions=("int8", "float"), raised groups in float')
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -206,7 +214,8 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}; {CALIB} calibration + {CALIB} validation samples; "
           f"threshold runs allow a drop of {drops} from the float score", flush=True)
     with tempfile.TemporaryDirectory(prefix="qnnlib-bench-thr-") as tmp:
-        run_models(args.models, lambda name: bench_model(name, Path(tmp), drops, args.timeout, not args.no_nncf),
+        run_models(args.models, lambda name: bench_model(name, Path(tmp), drops, args.timeout, not args.no_nncf,
+                                                                 float_raising=args.float_raising),
                    fmt, args.json)
 
 

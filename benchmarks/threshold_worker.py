@@ -1,9 +1,12 @@
 """Run one accuracy-aware quantiser on one benchmark task in a fresh process; print JSON.
 
-    python -m benchmarks.threshold_worker qnnlib-threshold|qnnlib-raise|nncf|nncf-ac TASK OUT [--max-drop 0.02]
+    python -m benchmarks.threshold_worker qnnlib-threshold|qnnlib-threshold-float|qnnlib-raise|nncf|nncf-ac TASK OUT
+        [--max-drop 0.02]
 
 ``qnnlib-raise`` is the threshold without the range search, weight clipping and bias correction
 (``QuantConfig(optimize=False)``): calibration, then raising alone, to compare with NNCF's reverting.
+``qnnlib-threshold-float`` is the threshold with ``precisions=("int8", "float")``: raised groups go
+straight to float, as NNCF's accuracy control reverts layers to float.
 
 ``nncf`` and ``nncf-ac`` must run under NNCF's own venv (``bench_threshold`` makes it). The task is
 rebuilt from ``benchmarks.tasks`` with the seeds ``bench_threshold`` uses: samples ``0..CALIB-1``
@@ -121,7 +124,8 @@ def run_nncf(task: Task, out: Path, max_drop: float, accuracy_control: bool) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("tool", choices=("qnnlib-threshold", "qnnlib-raise", "qnnlib-mixed", "nncf", "nncf-ac"))
+    parser.add_argument("tool", choices=("qnnlib-threshold", "qnnlib-threshold-float", "qnnlib-raise", "qnnlib-mixed",
+                                         "nncf", "nncf-ac"))
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("out", type=Path)
     parser.add_argument("--max-drop", type=float, default=0.02)
@@ -129,7 +133,8 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     task = build_task(args.task)
     if args.tool.startswith("qnnlib"):
-        precisions = ("int4", "int8", "int16", "float") if args.tool == "qnnlib-mixed" else ("int8", "int16", "float")
+        precisions = {"qnnlib-mixed": ("int4", "int8", "int16", "float"),
+                      "qnnlib-threshold-float": ("int8", "float")}.get(args.tool, ("int8", "int16", "float"))
         stats = run_qnnlib(task, args.out, args.max_drop, optimize=False if args.tool == "qnnlib-raise" else None,
                            precisions=precisions)
     else:
