@@ -130,7 +130,7 @@ def _threshold(outcome: Outcome, validation: str, config: QuantConfig) -> Thresh
 
 
 def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
-    """Which raised group put ``layer`` above int8, and the share of the output error it carried."""
+    """Which raised group put ``layer`` above int8, and its harm: its error alone as a share of the plan's."""
     if layer.node not in outcome.raised:
         return ""
     touched = [g for t in (*layer.inputs, *layer.outputs)
@@ -142,8 +142,8 @@ def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
     role = "reads" if any(plan.group_of(t) is group for t in layer.inputs) else "writes"
     if mixed:
         return f"{level}: {role} {group.members[0]!r}, put at {outcome.raised_groups[group.id]} by mixed precision"
-    return (f"{level}: {role} {group.members[0]!r}, raised because raising it alone "
-            f"removed {100 * outcome.harm.get(group.id, 0.0):.2g}% of the output error")
+    return (f"{level}: {role} {group.members[0]!r}, raised because at 8 bits alone it gives "
+            f"{100 * outcome.harm.get(group.id, 0.0):.2g}% of the int8 model's output error")
 
 
 def _layers(p: Phases) -> tuple[LayerReport, ...]:

@@ -6,19 +6,21 @@ output together (the first design) paid for two or three groups where one did th
 
 1. The candidate model (onnxruntime, fused integer kernels) runs on the validation samples; if the
    threshold's metric is met, nothing more is done.
-2. Otherwise each group's harm is measured end to end, leave one out, on the plan's switchable
+2. Otherwise each group's harm is measured end to end, leave one in, on the plan's switchable
    model (:func:`qnnlib.emit.simulation.build_switched`, one session, a float/quantised switch per
-   group and weight as inputs): with every group and weight quantised as planned, the output error is
+   group and weight as inputs). With every group and weight quantised as planned, the output error is
 
        E = sum over outputs o of |y_o - y_o_float|^2 / |y_o_float|^2   (summed over samples)
 
    taken where the quantised region hands over to a float tail (:mod:`qnnlib.optimize.error`:
-   logits rather than Softmax probabilities), and a group's harm is ``(E - E_g) / E``, the share
-   of E that goes away when that group alone is switched to float together with the weights of
-   the layers that read or write it: what raising them to 16 bits does in the candidates, less
-   a 16-bit rounding some 40 dB below the 8-bit one.
-   Downstream gain, tied readers and weight error are all in it, which a group's local noise is
-   not.
+   logits rather than Softmax probabilities), and a group's harm is ``E_g / E``, where ``E_g`` is
+   the error with that group alone quantised, together with the weights of the layers that read or
+   write it, and everything else float: what keeping it at 8 bits costs by itself. Downstream gain,
+   tied readers and weight error are all in it, which a group's local noise is not.
+   Leave one out (the share of ``E`` that goes away when ``g`` alone is switched to float, the first
+   design) is blind where several points each ruin the output on their own: switching one back
+   leaves the others, so every one of them scores near zero. Leave one in costs the same, one
+   switched run per group; docs/benchmarks.md measures what it changes.
 3. Groups are raised in order of harm per compute layer they take off integer kernels
    (:func:`raising_order`), first to 16 bits (uint16 activations; the layers that read
    or write them get int16 weights), then, as the last resort, to float (those layers keep float
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 Feed = dict[str, np.ndarray]
 #: Precision levels a group can be raised to, in order.
 LEVELS = ("int16", "float")
-#: Validation samples the leave-one-out harm is measured on (the first ones).
+#: Validation samples the leave-one-in harm is measured on (the first ones).
 HARM_SAMPLES = 8
 #: Raised groups tried one at a time for lowering once the threshold is met (least harmful first).
 PRUNE_TRIALS = 16
@@ -77,7 +79,7 @@ class Outcome:
     """The chosen candidate, what was raised and why, and every step measured.
 
     ``raised`` maps each layer above int8 because of raising to its level; ``raised_groups`` each
-    raised group id to its level; ``harm`` each ranked group to its share of the output error.
+    raised group id to its level; ``harm`` each ranked group to its harm ``E_g / E`` (:func:`group_harm`).
     """
 
     plan: QuantPlan
@@ -160,12 +162,13 @@ class Evaluator:
 
 def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collection[int],
                feeds: Sequence[Feed], *, progress: bool | None = None) -> dict[int, float]:
-    """Each candidate group's share ``(E - E_g) / E`` of the output error that raising it alone removes.
+    """Each candidate group's harm ``E_g / E``: its output error quantised alone, over the error of the whole plan.
 
     ``E`` is measured on ``feeds`` at :func:`~qnnlib.optimize.error.region_outputs` with the plan's
-    switchable model (:func:`~qnnlib.emit.simulation.build_switched`) all on; ``E_g`` with ``g`` and
-    the weights of the layers that read or write it switched to float, which stands for raising
-    them to 16 bits. ``progress``: a bar per group (:class:`~qnnlib.progress.Progress`; None: on a terminal).
+    switchable model (:func:`~qnnlib.emit.simulation.build_switched`) all on; ``E_g`` with only ``g``
+    and the weights of the layers that read or write it on, everything else float (leave one in;
+    the module docstring says why not leave one out). Float stands for the 16 bits a raise gives.
+    ``progress``: a bar per group (:class:`~qnnlib.progress.Progress`; None: on a terminal).
     """
     if not candidates or not feeds:
         return {}
@@ -184,12 +187,14 @@ def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collec
     base = error()
     if base <= 0:
         return dict.fromkeys(candidates, 0.0)
+    every_group, every_weight = set(switched.groups), set(switched.weights)
     harm: dict[int, float] = {}
     bar = Progress(len(candidates), "ranking groups by harm", enabled=progress)
     try:
         for gid in candidates:
             layers = raised_layers(plan, {gid: "int16"})
-            harm[gid] = (base - error({gid}, {key for key in switched.weights if key[0] in layers})) / base
+            own = {key for key in every_weight if key[0] in layers}
+            harm[gid] = error(every_group - {gid}, every_weight - own) / base
             bar.advance()
     finally:
         bar.close()
