@@ -142,8 +142,10 @@ def _why_raised(layer: LayerPlan, plan: QuantPlan, outcome: Outcome) -> str:
     role = "reads" if any(plan.group_of(t) is group for t in layer.inputs) else "writes"
     if mixed:
         return f"{level}: {role} {group.members[0]!r}, put at {outcome.raised_groups[group.id]} by mixed precision"
+    share = 100 * outcome.harm.get(group.id, 0.0)  # above 100% where other groups' errors cancel part of it
+    figure = f"{share:.2g}" if share < 100 else f"{share:.0f}"
     return (f"{level}: {role} {group.members[0]!r}, raised because at 8 bits alone it gives "
-            f"{100 * outcome.harm.get(group.id, 0.0):.2g}% of the int8 model's output error")
+            f"{figure}% of the int8 model's output error")
 
 
 def _layers(p: Phases) -> tuple[LayerReport, ...]:
