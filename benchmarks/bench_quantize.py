@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,13 @@ def write_calib(task: Task, directory: Path, count: int | None = None) -> Path:
 
 
 def run_worker(tool: str, model: Path, input_name: str, calib_dir: Path, out: Path, *, method: str,
-               samples: int | None = None, large: bool = False) -> dict:
-    """Quantise ``model`` with ``tool`` in a fresh process (:mod:`benchmarks.quantize_worker`); its JSON stats."""
+               samples: int | None = None, large: bool = False, extra: Sequence[str] = ()) -> dict:
+    """Quantise ``model`` with ``tool`` in a fresh process (:mod:`benchmarks.quantize_worker`); its JSON stats.
+
+    ``extra``: more worker arguments (``--threshold-sqnr DB --validation DIR``).
+    """
     cmd = [sys.executable, "-m", "benchmarks.quantize_worker", tool, str(model), str(calib_dir), str(out),
-           "--input", input_name, "--method", method]
+           "--input", input_name, "--method", method, *extra]
     if samples:
         cmd += ["--samples", str(samples)]
     if large:

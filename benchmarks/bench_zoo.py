@@ -1,6 +1,6 @@
 """Every PyPI model of DESIGN.md section 10: qnnlib and onnxruntime's quantize_static in one run.
 
-    python -m benchmarks.bench_zoo [--models ppocrv5-det,basic-pitch,...] [--json out.json]
+    python -m benchmarks.bench_zoo [--models ppocrv5-det,basic-pitch,...] [--threshold-sqnr DB] [--json out.json]
 
 A robustness sweep beside bench_quantize's five models: detectors, classifiers, recognisers with
 attention or an LSTM, a layout detector with Constant-node weights, a GRU speech denoiser, a music
@@ -10,6 +10,11 @@ held-out from other seeds). Each quantiser runs in a fresh process (:mod:`benchm
 qnnlib's defaults; onnxruntime QDQ, per-channel, uint8/int8, min-max after ``quant_pre_process``).
 Per model and quantiser: whether it worked, the task metric against the float model where one is
 cheap, and the lowest output SQNR over the held-out inputs.
+
+``--threshold-sqnr DB`` adds a third quantiser, ``qnnlib thr``: qnnlib with an accuracy threshold
+(``Threshold(metric="sqnr", min=DB)``, the output SQNR pooled over all outputs) checked on
+:data:`VALIDATION` inputs of a third seed; its cell adds whether the threshold was met on them and
+the compute layers left above int8.
 
 Metrics: ``top1``, the argmax agreement (classifiers); ``pos-agree``, the share of sequence
 positions whose argmax over the classes agrees (CTC recognisers, a proxy for the character error
@@ -36,6 +41,8 @@ from benchmarks.runner import run_models
 from benchmarks.tasks import top1_agreement
 
 SAMPLES = 16
+#: Validation inputs of the threshold runs (``--threshold-sqnr``); raising measures harm on all of them.
+VALIDATION = 4
 Outputs = list[list[np.ndarray]]
 
 
@@ -108,7 +115,7 @@ def lowest_sqnr(ref: Outputs, test: Outputs) -> float:
                 if ref[0][k].dtype.kind == "f"), default=np.inf)
 
 
-def bench_model(name: str, work: Path) -> dict[str, Any]:
+def bench_model(name: str, work: Path, threshold_sqnr: float | None = None) -> dict[str, Any]:
     spec = MODELS[name]
     path = datasets.wheel_member(spec.package, spec.member)
     calib, held = spec.inputs(SAMPLES, 1), spec.inputs(SAMPLES, 2)
@@ -121,10 +128,18 @@ def bench_model(name: str, work: Path) -> dict[str, Any]:
         np.save(calib_dir / f"{i:05d}.npy", x)
     row: dict[str, Any] = {"model": name, "metric": spec.metric_name or "sqnr",
                            "nodes": len(onnx.load(str(path), load_external_data=False).graph.node)}
-    for tool in ("qnnlib", "ort"):
-        out = work / name / f"{tool}.onnx"
-        method = "percentile" if tool == "qnnlib" else "minmax"
-        stats = run_worker(tool, path, input_name, calib_dir, out, method=method)
+    extra: list[str] = []
+    if threshold_sqnr is not None:
+        validation_dir = work / name / "validation"
+        validation_dir.mkdir(parents=True, exist_ok=True)
+        for i, x in enumerate(spec.inputs(VALIDATION, 3)):
+            np.save(validation_dir / f"{i:05d}.npy", x)
+        extra = ["--threshold-sqnr", str(threshold_sqnr), "--validation", str(validation_dir)]
+    for tool in ("qnnlib", "ort", "qnnlib thr") if extra else ("qnnlib", "ort"):
+        out = work / name / f"{tool.replace(' ', '-')}.onnx"
+        method = "minmax" if tool == "ort" else "percentile"
+        stats = run_worker(tool.split()[0], path, input_name, calib_dir, out, method=method,
+                           extra=extra if tool == "qnnlib thr" else ())
         if "error" in stats:
             row[tool] = {"error": stats["error"]}
             continue
@@ -135,6 +150,8 @@ def bench_model(name: str, work: Path) -> dict[str, Any]:
             row[tool] = {"error": f"does not run: {str(exc).splitlines()[0][:200]}"}
             continue
         row[tool] = {"time": round(stats["time"], 2), "sqnr_db": round(lowest_sqnr(reference, test), 1)}
+        if "met" in stats:
+            row[tool] |= {"met": stats["met"], "above_int8": stats["above_int8"], "min_db": threshold_sqnr}
         if spec.metric is not None:
             row[tool]["metric"] = round(spec.metric(reference, test), 3)
     return row
@@ -146,19 +163,23 @@ def fmt(row: dict[str, Any]) -> str:
         if "error" in r:
             return f"{tool} FAILED: {r['error'][:150]}"
         metric = f"{row['metric']} {r['metric']:.3f}, " if "metric" in r else ""
-        return f"{tool} {metric}{r['sqnr_db']:.1f} dB, {r['time']:.1f} s"
-    return f"{row['model']:<18} ({row['nodes']} nodes) | {cell('qnnlib')} | {cell('ort')}"
+        threshold = (f" (>= {r['min_db']:g} dB on validation {'met' if r['met'] else 'NOT met'}, "
+                     f"{r['above_int8']} layers above int8)" if "met" in r else "")
+        return f"{tool}{threshold} {metric}{r['sqnr_db']:.1f} dB, {r['time']:.1f} s"
+    tools = ("qnnlib", "ort", "qnnlib thr") if "qnnlib thr" in row else ("qnnlib", "ort")
+    return f"{row['model']:<18} ({row['nodes']} nodes) | " + " | ".join(cell(t) for t in tools)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--threshold-sqnr", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"{SAMPLES} calibration and {SAMPLES} held-out inputs per model; lowest output SQNR against float")
     with tempfile.TemporaryDirectory(prefix="qnnlib-zoo-") as tmp:
-        run_models(args.models, lambda n: bench_model(n, Path(tmp)), fmt, args.json)
+        run_models(args.models, lambda n: bench_model(n, Path(tmp), args.threshold_sqnr), fmt, args.json)
 
 
 if __name__ == "__main__":

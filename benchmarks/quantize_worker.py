@@ -8,6 +8,9 @@
 
 ``--method optimized`` (qnnlib only) runs qnnlib's default calibration followed by its layer-wise
 range search and weight clipping search (``QuantConfig(optimize=True)``), without a threshold.
+``--threshold-sqnr DB --validation DIR`` (qnnlib only) asks for an output SQNR of at least DB on the
+samples in DIR (``Threshold(metric="sqnr", min=DB)``); the stats add whether it was met and the
+compute layers left above int8.
 
 CALIB_DIR holds one ``NNNNN.npy`` per sample; both tools read it lazily through a generator (qnnlib)
 or a CalibrationDataReader (onnxruntime), so peak memory shows what each tool itself keeps.
@@ -62,16 +65,26 @@ def _feeds(files: list[Path], input_name: str) -> Iterator[dict[str, np.ndarray]
 
 
 def run_qnnlib(model: Path, files: list[Path], input_name: str, out: Path, method: str, *,
-               large: bool = False) -> dict[str, float]:
+               large: bool = False, threshold_sqnr: float | None = None,
+               validation_dir: Path | None = None) -> dict[str, float]:
     import qnnlib
 
     start = time.perf_counter()
     # the defaults a user gets, report and fusion check included
     config = qnnlib.QuantConfig(optimize=True) if method == "optimized" else qnnlib.QuantConfig(method=method)
-    result = qnnlib.quantize(str(model), _feeds(files, input_name), config=config)
+    validation = None
+    if threshold_sqnr is not None:
+        config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(metric="sqnr", min=threshold_sqnr))
+        validation = list(_feeds(_samples(validation_dir, None), input_name)) if validation_dir else None
+    result = qnnlib.quantize(str(model), _feeds(files, input_name), validation=validation, config=config)
     elapsed = time.perf_counter() - start
     result.save(out)
-    return {"time": elapsed, "time_with_save": time.perf_counter() - start, "size_mb": saved_megabytes(out)}
+    stats = {"time": elapsed, "time_with_save": time.perf_counter() - start, "size_mb": saved_megabytes(out)}
+    if threshold_sqnr is not None:
+        from benchmarks.bench_threshold import layers_above_int8
+
+        stats |= {"met": bool(result.report.threshold_met), "above_int8": layers_above_int8(out)}
+    return stats
 
 
 def run_ort(model: Path, files: list[Path], input_name: str, out: Path, method: str, *,
@@ -137,11 +150,16 @@ def main() -> None:
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--large", action="store_true")
+    parser.add_argument("--threshold-sqnr", type=float, default=None)
+    parser.add_argument("--validation", type=Path, default=None)
     args = parser.parse_args()
     files = _samples(args.calib_dir, args.samples)
     baseline = peak_rss_mb()
-    runner = run_qnnlib if args.tool == "qnnlib" else run_ort
-    stats = runner(args.model.resolve(), files, args.input, args.out.resolve(), args.method, large=args.large)
+    if args.tool == "qnnlib":
+        stats = run_qnnlib(args.model.resolve(), files, args.input, args.out.resolve(), args.method,
+                           large=args.large, threshold_sqnr=args.threshold_sqnr, validation_dir=args.validation)
+    else:
+        stats = run_ort(args.model.resolve(), files, args.input, args.out.resolve(), args.method, large=args.large)
     stats["peak_rss_mb"] = peak_rss_mb()
     stats["start_rss_mb"] = baseline
     stats["samples"] = len(files)
