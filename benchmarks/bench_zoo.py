@@ -43,6 +43,8 @@ from benchmarks.tasks import top1_agreement
 SAMPLES = 16
 #: Validation inputs of the threshold runs (``--threshold-sqnr``); raising measures harm on all of them.
 VALIDATION = 4
+#: The quantisers of a row, in print order (the last only with ``--threshold-sqnr``).
+TOOLS = ("qnnlib", "ort", "qnnlib thr")
 Outputs = list[list[np.ndarray]]
 
 
@@ -115,6 +117,14 @@ def lowest_sqnr(ref: Outputs, test: Outputs) -> float:
                 if ref[0][k].dtype.kind == "f"), default=np.inf)
 
 
+def save_inputs(directory: Path, inputs: list[np.ndarray]) -> Path:
+    """``inputs`` as ``NNNNN.npy`` files in ``directory`` (made), the layout the quantize worker reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(inputs):
+        np.save(directory / f"{i:05d}.npy", x)
+    return directory
+
+
 def bench_model(name: str, work: Path, threshold_sqnr: float | None = None) -> dict[str, Any]:
     spec = MODELS[name]
     path = datasets.wheel_member(spec.package, spec.member)
@@ -122,38 +132,31 @@ def bench_model(name: str, work: Path, threshold_sqnr: float | None = None) -> d
     float_session = session(path)
     input_name = float_session.get_inputs()[0].name
     reference = [float_session.run(None, {input_name: x}) for x in held]
-    calib_dir = work / name / "calib"
-    calib_dir.mkdir(parents=True, exist_ok=True)
-    for i, x in enumerate(calib):
-        np.save(calib_dir / f"{i:05d}.npy", x)
+    calib_dir = save_inputs(work / name / "calib", calib)
     row: dict[str, Any] = {"model": name, "metric": spec.metric_name or "sqnr",
                            "nodes": len(onnx.load(str(path), load_external_data=False).graph.node)}
-    extra: list[str] = []
+    runs: list[tuple[str, str, str, list[str]]] = [("qnnlib", "qnnlib", "percentile", []), ("ort", "ort", "minmax", [])]
     if threshold_sqnr is not None:
-        validation_dir = work / name / "validation"
-        validation_dir.mkdir(parents=True, exist_ok=True)
-        for i, x in enumerate(spec.inputs(VALIDATION, 3)):
-            np.save(validation_dir / f"{i:05d}.npy", x)
-        extra = ["--threshold-sqnr", str(threshold_sqnr), "--validation", str(validation_dir)]
-    for tool in ("qnnlib", "ort", "qnnlib thr") if extra else ("qnnlib", "ort"):
-        out = work / name / f"{tool.replace(' ', '-')}.onnx"
-        method = "minmax" if tool == "ort" else "percentile"
-        stats = run_worker(tool.split()[0], path, input_name, calib_dir, out, method=method,
-                           extra=extra if tool == "qnnlib thr" else ())
+        validation_dir = save_inputs(work / name / "validation", spec.inputs(VALIDATION, 3))
+        runs.append((TOOLS[2], "qnnlib", "percentile",
+                     ["--threshold-sqnr", str(threshold_sqnr), "--validation", str(validation_dir)]))
+    for label, tool, method, extra in runs:
+        out = work / name / f"{label.replace(' ', '-')}.onnx"
+        stats = run_worker(tool, path, input_name, calib_dir, out, method=method, extra=extra)
         if "error" in stats:
-            row[tool] = {"error": stats["error"]}
+            row[label] = {"error": stats["error"]}
             continue
         try:
             quantised = session(out)
             test = [quantised.run(None, {input_name: x}) for x in held]
         except Exception as exc:  # onnxruntime's own exception types: a model that does not load or run
-            row[tool] = {"error": f"does not run: {str(exc).splitlines()[0][:200]}"}
+            row[label] = {"error": f"does not run: {str(exc).splitlines()[0][:200]}"}
             continue
-        row[tool] = {"time": round(stats["time"], 2), "sqnr_db": round(lowest_sqnr(reference, test), 1)}
+        row[label] = {"time": round(stats["time"], 2), "sqnr_db": round(lowest_sqnr(reference, test), 1)}
         if "met" in stats:
-            row[tool] |= {"met": stats["met"], "above_int8": stats["above_int8"], "min_db": threshold_sqnr}
+            row[label] |= {"met": stats["met"], "above_int8": stats["above_int8"], "min_db": threshold_sqnr}
         if spec.metric is not None:
-            row[tool]["metric"] = round(spec.metric(reference, test), 3)
+            row[label]["metric"] = round(spec.metric(reference, test), 3)
     return row
 
 
@@ -166,8 +169,7 @@ def fmt(row: dict[str, Any]) -> str:
         threshold = (f" (>= {r['min_db']:g} dB on validation {'met' if r['met'] else 'NOT met'}, "
                      f"{r['above_int8']} layers above int8)" if "met" in r else "")
         return f"{tool}{threshold} {metric}{r['sqnr_db']:.1f} dB, {r['time']:.1f} s"
-    tools = ("qnnlib", "ort", "qnnlib thr") if "qnnlib thr" in row else ("qnnlib", "ort")
-    return f"{row['model']:<18} ({row['nodes']} nodes) | " + " | ".join(cell(t) for t in tools)
+    return f"{row['model']:<18} ({row['nodes']} nodes) | " + " | ".join(cell(t) for t in TOOLS if t in row)
 
 
 def main() -> None:

@@ -71,16 +71,15 @@ def run_qnnlib(model: Path, files: list[Path], input_name: str, out: Path, metho
 
     start = time.perf_counter()
     # the defaults a user gets, report and fusion check included
-    config = qnnlib.QuantConfig(optimize=True) if method == "optimized" else qnnlib.QuantConfig(method=method)
-    validation = None
-    if threshold_sqnr is not None:
-        config = qnnlib.QuantConfig(threshold=qnnlib.Threshold(metric="sqnr", min=threshold_sqnr))
-        validation = list(_feeds(_samples(validation_dir, None), input_name)) if validation_dir else None
+    threshold = None if threshold_sqnr is None else qnnlib.Threshold(metric="sqnr", min=threshold_sqnr)
+    config = (qnnlib.QuantConfig(optimize=True, threshold=threshold) if method == "optimized"
+              else qnnlib.QuantConfig(method=method, threshold=threshold))
+    validation = list(_feeds(_samples(validation_dir, None), input_name)) if validation_dir else None
     result = qnnlib.quantize(str(model), _feeds(files, input_name), validation=validation, config=config)
     elapsed = time.perf_counter() - start
     result.save(out)
     stats = {"time": elapsed, "time_with_save": time.perf_counter() - start, "size_mb": saved_megabytes(out)}
-    if threshold_sqnr is not None:
+    if threshold is not None:
         from benchmarks.bench_threshold import layers_above_int8
 
         stats |= {"met": bool(result.report.threshold_met), "above_int8": layers_above_int8(out)}
