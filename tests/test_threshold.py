@@ -139,7 +139,8 @@ def test_group_harm_finds_the_group_that_hurts(capsys: pytest.CaptureFixture[str
             for g in plan.groups}
     capsys.readouterr()
     harm = group_harm(model, plan, wide, calib[:4], progress=True)
-    assert f"ranking groups by harm [{'#' * 30}] {len(wide)}/{len(wide)}" in capsys.readouterr().err
+    runs = len(wide) * 4  # every group on every feed: too few groups to screen
+    assert f"ranking groups by harm [{'#' * 30}] {runs}/{runs}" in capsys.readouterr().err
     relu = next(layer for layer in plan.layers if layer.op_type == "Relu")
     relu_group = plan.group_of(relu.outputs[0])
     assert relu_group is not None
@@ -177,6 +178,21 @@ def test_group_harm_sees_each_of_several_points_that_ruin_the_output_alone() -> 
     # leave one out would score each of them 0: switching one back leaves channel 1 lost to the others
     assert all(harm[g] > 0.9 for g in ruinous)
     assert all(harm[g] < 0.1 for g in harm if g not in ruinous)
+
+
+def test_group_harm_screens_many_groups_on_one_feed_and_measures_the_worst_on_all() -> None:
+    model = outlier_model()
+    calib = builders.calibration(model, 8)
+    plan = qnnlib.quantize(model, calib, config=qnnlib.QuantConfig(method="minmax")).plan
+    gids = [g.id for g in plan.groups]
+    on_all = group_harm(model, plan, gids, calib[:4], keep=len(gids), progress=False)
+    on_first = group_harm(model, plan, gids, calib[:1], progress=False)
+    screened = group_harm(model, plan, gids, calib[:4], keep=2, progress=False)
+    assert len(gids) == 3 and all(on_all[g] != pytest.approx(on_first[g], rel=1e-3) for g in gids)
+    # the two worst on the first feed are measured again on all four; the third keeps its first-feed harm
+    top = sorted(gids, key=lambda g: -on_first[g])[:2]
+    assert all(screened[g] == pytest.approx(on_all[g], rel=1e-9) for g in top)
+    assert all(screened[g] == pytest.approx(on_first[g], rel=1e-9) for g in gids if g not in top)
 
 
 def test_progress_bars_of_the_long_steps_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
