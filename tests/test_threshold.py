@@ -193,6 +193,10 @@ def test_group_harm_screens_many_groups_on_one_feed_and_measures_the_worst_on_al
     top = sorted(gids, key=lambda g: -on_first[g])[:2]
     assert all(screened[g] == pytest.approx(on_all[g], rel=1e-9) for g in top)
     assert all(screened[g] == pytest.approx(on_first[g], rel=1e-9) for g in gids if g not in top)
+    # on two feeds, screening 3 groups to 2 would take 3 + 2 * 2 runs against 3 * 2: not done
+    on_two = group_harm(model, plan, gids, calib[:2], keep=len(gids), progress=False)
+    assert group_harm(model, plan, gids, calib[:2], keep=2, progress=False) == on_two
+    assert any(on_two[g] != pytest.approx(on_first[g], rel=1e-3) for g in gids if g not in top)
 
 
 def test_progress_bars_of_the_long_steps_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:

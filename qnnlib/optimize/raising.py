@@ -179,11 +179,11 @@ def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collec
     and the weights of the layers that read or write it on, everything else float (leave one in;
     the module docstring says why not leave one out). Float stands for the 16 bits a raise gives.
 
-    With more than ``keep`` candidates (default: :data:`SCREEN_SHARE` of them, at least
-    :data:`SCREEN_KEEP`) the ranking is screened: every group is measured on the first feed alone
-    (``E_g / E`` both on that feed), and only the ``keep`` most harmful of them again on all feeds;
-    the others keep their one-feed harm. The search raises the groups at the top of the order;
-    below them, an order from one feed serves.
+    Screening: every group is measured on the first feed alone (``E_g / E`` both on that feed), and
+    only the ``keep`` most harmful of them (default: :data:`SCREEN_SHARE` of the candidates, at least
+    :data:`SCREEN_KEEP`) again on all feeds; the others keep their one-feed harm. It is done when it
+    takes fewer runs than measuring every group on every feed. The search raises the groups at the
+    top of the order; below them, an order from one feed serves.
     ``progress``: a bar counting switched runs (:class:`~qnnlib.progress.Progress`; None: on a terminal).
     """
     if not candidates or not feeds:
@@ -213,7 +213,8 @@ def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collec
         layers = raised_layers(plan, {gid: "int16"})
         return every_group - {gid}, every_weight - {key for key in every_weight if key[0] in layers}
 
-    screen = len(candidates) > keep and len(feeds) > 1
+    # screening runs every group once and ``keep`` of them on every feed: only when that is fewer runs
+    screen = len(candidates) + keep * len(feeds) < len(candidates) * len(feeds)
     harm: dict[int, float] = {}
     gids = list(candidates)
     bar = Progress(len(gids) + keep * len(feeds) if screen else len(gids) * len(feeds), "ranking groups by harm",
