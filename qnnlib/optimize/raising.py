@@ -215,25 +215,32 @@ def group_harm(float_model: onnx.ModelProto, plan: QuantPlan, candidates: Collec
 
     # screening runs every group once and ``keep`` of them on every feed: only when that is fewer runs
     screen = len(candidates) + keep * len(feeds) < len(candidates) * len(feeds)
-    harm: dict[int, float] = {}
-    gids = list(candidates)
-    bar = Progress(len(gids) + keep * len(feeds) if screen else len(gids) * len(feeds), "ranking groups by harm",
-                   enabled=progress)
+    bar = Progress(len(candidates) + keep * len(feeds) if screen else len(candidates) * len(feeds),
+                   "ranking groups by harm", enabled=progress)
+
+    def rank(gids: Sequence[int], count: int) -> dict[int, float] | None:
+        """Each group's harm on the first ``count`` feeds; None when the plan shows no error there."""
+        error = error_on(count)
+        base = error()
+        if base <= 0:
+            return None
+        found = {}
+        for gid in gids:
+            found[gid] = error(*alone(gid)) / base
+            bar.advance(count)
+        return found
+
     try:
-        for count in ([1, len(feeds)] if screen else [len(feeds)]):
-            error = error_on(count)
-            base = error()
-            if base <= 0 and count < len(feeds):  # the first feed shows no error to screen by
-                bar.total = len(gids) * len(feeds)
-                continue
-            if base <= 0:
-                return dict.fromkeys(candidates, 0.0)
-            for gid in gids:
-                harm[gid] = error(*alone(gid)) / base
-                bar.advance(count)
-            gids = sorted(gids, key=lambda g: -harm[g])[:keep]  # the most harmful, again on every feed
+        harm = (rank(list(candidates), 1) if screen else None) or {}
+        worst = sorted(harm, key=lambda g: -harm[g])[:keep] if harm else list(candidates)
+        if screen and not harm:  # the first feed shows no error to screen by: every group on every feed
+            bar.total = len(candidates) * len(feeds)
+        on_all = rank(worst, len(feeds))
     finally:
         bar.close()
+    if on_all is None:
+        return dict.fromkeys(candidates, 0.0)
+    return harm | on_all
     return harm
 
 
